@@ -1,0 +1,41 @@
+"""fastlora: fast, exact LoRA layers for PyTorch.
+
+``import fastlora as lora`` runs loralib code unchanged; the layers run on one fused op,
+``fastlora.lora_linear``, whose backend (Triton on CUDA, C++ or PyTorch on CPU) is picked by
+``fastlora.use_backend`` / FASTLORA_BACKEND.
+"""
+
+from fastlora import reference
+from fastlora._backend import current_backend, use_backend
+from fastlora.layers import (
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Embedding,
+    Linear,
+    LoRALayer,
+    LoRALinear,
+    MergedLinear,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+)
+from fastlora.ops import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "Linear",
+    "LoRALayer",
+    "LoRALinear",
+    "MergedLinear",
+    "current_backend",
+    "lora_linear",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "reference",
+    "use_backend",
+]

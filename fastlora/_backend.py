@@ -1,0 +1,103 @@
+"""Which implementation of ``fastlora.lora_linear`` runs: the one place that decides.
+
+Backends:
+  ``torch``  plain PyTorch ops with fastlora's custom backward; runs on every device.
+  ``triton`` the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+  ``cpp``    the C++ CPU kernels in csrc/, built just-in-time on first use.
+  ``auto``   triton on CUDA, cpp on CPU when the extension builds, torch otherwise.
+
+The default comes from the environment variable FASTLORA_BACKEND (``auto`` if unset);
+``use_backend`` overrides it for a block. A forced backend never falls back silently: it
+runs or raises ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "cpp")
+
+_stack: list[str] = []
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend name in force: the innermost ``use_backend``, else FASTLORA_BACKEND."""
+    if _stack:
+        return _stack[-1]
+    return _check_name(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run ``fastlora.lora_linear`` (and the layers built on it) with backend ``name``.
+
+    >>> with fastlora.use_backend("torch"):
+    ...     y = layer(x)
+    """
+    _stack.append(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device``, or None when it can."""
+    if not triton_installed():
+        return "the triton package is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return None
+    if device.type == "cpu":
+        return "tensors are on the CPU; Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU"
+    return f"Triton kernels do not run on device {device}"
+
+
+def _cpp_reason(device: torch.device) -> str | None:
+    """Why the C++ backend cannot run on ``device``, or None when it can."""
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only; tensors are on {device}"
+    from fastlora.ops import cpp_ops
+
+    return cpp_ops.unavailable_reason()
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend (``triton`` | ``torch`` | ``cpp``) for tensors on ``device``."""
+    name = current_backend()
+    if name == "torch":
+        return name
+    if name == "triton":
+        reason = _triton_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"fastlora backend 'triton' cannot run: {reason}")
+        return name
+    if name == "cpp":
+        reason = _cpp_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"fastlora backend 'cpp' cannot run: {reason}")
+        return name
+    if device.type == "cuda" and _triton_reason(device) is None:
+        return "triton"
+    if device.type == "cpu" and _cpp_reason(device) is None:
+        return "cpp"
+    return "torch"

@@ -1,0 +1,396 @@
+"""loralib-compatible LoRA layers: same constructors, attributes, parameters and state-dict keys.
+
+``Linear`` and ``MergedLinear`` run through ``fastlora.lora_linear`` (the fused op); the
+``Embedding`` and ``Conv*d`` layers compute loralib's math directly. Parameters:
+lora_A (r, in_features) and lora_B (out_features, r) beside the wrapped layer's own
+``weight``/``bias``; ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+``use_rslora=True``). With ``merge_weights=True`` a layer merges B A into its weight on
+``eval()`` and takes it out again on ``train()``, as loralib does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastlora.ops.lora_linear import lora_linear
+
+
+class LoRALayer:
+    """The state every LoRA layer shares (loralib's mixin): r, lora_alpha, scaling, dropout, merge flags."""
+
+    def __init__(
+        self,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        merge_weights: bool,
+        use_rslora: bool = False,
+    ) -> None:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"r must be an integer >= 0, got {r!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.merged = False
+        self.merge_weights = merge_weights
+        if r > 0:
+            self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    @property
+    def lora_dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def _set_merged(self, merge: bool) -> None:
+        """Add (merge) or subtract (unmerge) the LoRA product to the frozen weight, once."""
+        if self.r > 0 and merge != self.merged and self._has_lora():
+            with torch.no_grad():
+                delta = self.delta_weight()
+                weight = self._base_weight()
+                merged = weight.float() + delta.float() if merge else weight.float() - delta.float()
+                weight.copy_(merged)
+        self.merged = merge
+
+    def _has_lora(self) -> bool:
+        return hasattr(self, "lora_A")
+
+    def _train_merge(self, mode: bool) -> None:
+        """loralib's rule: unmerge on train(), merge on eval(), when merge_weights is set."""
+        if self.merge_weights:
+            self._set_merged(not mode)
+
+
+def _fan_in_fan_out_view(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.t() if fan_in_fan_out else weight
+
+
+class Linear(nn.Linear, LoRALayer):
+    """nn.Linear with a LoRA adapter: y = x W^T + b + scaling * dropout(x) A^T B^T.
+
+    x (..., in_features) -> (..., out_features). With ``fan_in_fan_out=True`` the weight is
+    stored as (in_features, out_features), as GPT-2's Conv1D does.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in the stored weight's layout: (out, in), or (in, out) with fan_in_fan_out."""
+        return _fan_in_fan_out_view(self.lora_B @ self.lora_A, self.fan_in_fan_out) * self.scaling
+
+    def train(self, mode: bool = True) -> "Linear":
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r > 0 and not self.merged:
+            return lora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                self.lora_dropout_p, self.training, self.fan_in_fan_out,
+            )
+        return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias)
+
+
+LoRALinear = Linear
+
+
+class MergedLinear(nn.Linear, LoRALayer):
+    """A fused projection (e.g. GPT-2's qkv) whose output slots each may carry a LoRA adapter.
+
+    ``enable_lora`` (length g, dividing out_features) says which of the g equal output slots
+    get an adapter; with e of them enabled, lora_A is (r*e, in) and lora_B (out/g*e, r), and
+    slot j's update is B_j A_j (loralib's grouped layout). The layer runs through the fused op
+    with the block-diagonal (out, r*e) matrix that places each B_j beside its A_j. With no slot
+    enabled (loralib's default ``[False]``, on which loralib crashes) it is a plain linear layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: list[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        enable_lora = list(enable_lora)
+        if not enable_lora or out_features % len(enable_lora) != 0:
+            raise ValueError(
+                f"enable_lora must be a non-empty list whose length divides out_features "
+                f"({out_features}), got {enable_lora}"
+            )
+        self.enable_lora = enable_lora
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0 and any(enable_lora):
+            enabled = sum(bool(e) for e in enable_lora)
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * enabled, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // len(enable_lora) * enabled, r)))
+            self.weight.requires_grad = False
+            lora_ind = torch.zeros((len(enable_lora), out_features // len(enable_lora)), dtype=torch.bool)
+            lora_ind[torch.tensor([bool(e) for e in enable_lora])] = True
+            self.lora_ind = lora_ind.view(-1).to(self.weight.device)
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def block_diagonal_B(self) -> torch.Tensor:
+        """(out_features, r*e): slot j's rows hold B_j in columns j*r..(j+1)*r, zeros elsewhere."""
+        enabled = self.lora_A.shape[0] // self.r
+        slot = self.lora_B.shape[0] // enabled
+        blocks = torch.block_diag(*self.lora_B.split(slot, dim=0))
+        full = blocks.new_zeros((self.out_features, self.r * enabled))
+        return full.index_put((self.lora_ind.to(blocks.device),), blocks)
+
+    def delta_weight(self) -> torch.Tensor:
+        return _fan_in_fan_out_view(self.block_diagonal_B() @ self.lora_A, self.fan_in_fan_out) * self.scaling
+
+    def train(self, mode: bool = True) -> "MergedLinear":
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r > 0 and self._has_lora() and not self.merged:
+            return lora_linear(
+                x, self.weight, self.bias, self.lora_A, self.block_diagonal_B(), self.scaling,
+                self.lora_dropout_p, self.training, self.fan_in_fan_out,
+            )
+        return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias)
+
+
+class Embedding(nn.Embedding, LoRALayer):
+    """nn.Embedding with a LoRA adapter: E[x] + scaling * A^T[x] B^T.
+
+    lora_A is (r, num_embeddings) initialised to zeros and lora_B (embedding_dim, r) normal,
+    as in loralib.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora)
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.Embedding.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).transpose(0, 1) * self.scaling
+
+    def train(self, mode: bool = True) -> "Embedding":
+        nn.Embedding.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = nn.Embedding.forward(self, x)
+        if self.r > 0 and not self.merged:
+            after_A = F.embedding(
+                x, self.lora_A.transpose(0, 1), self.padding_idx, self.max_norm,
+                self.norm_type, self.scale_grad_by_freq, self.sparse,
+            )
+            result = result + (after_A @ self.lora_B.transpose(0, 1)) * self.scaling
+        return result
+
+
+def _square_kernel_size(kernel_size: int | tuple[int, ...]) -> int:
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        return kernel_size
+    sizes = tuple(kernel_size)
+    if not sizes or len(set(sizes)) != 1 or not isinstance(sizes[0], int):
+        raise ValueError(f"kernel_size must be an int or a tuple of equal ints, got {kernel_size!r}")
+    return sizes[0]
+
+
+class ConvLoRA(nn.Module, LoRALayer):
+    """A convolution with a LoRA update of its weight: conv(x, W + scaling * (B A).view(W.shape)).
+
+    The wrapped convolution is ``self.conv`` (state-dict keys ``conv.weight``, ``conv.bias``,
+    ``lora_A``, ``lora_B``, as loralib). For a kernel of size k, with g groups:
+    Conv2d: A (r*k, in*k), B (out/g*k, r*k) (loralib's shapes); Conv1d: A (r, in*k), B (out/g, r);
+    Conv3d: A (r*k, in*k*k), B (out/g*k, r*k). All three equal loralib's for k = 1 and give B A
+    exactly as many elements as the weight for any k (loralib's Conv1d and Conv3d crash for k > 1).
+    As in loralib, ``lora_dropout`` is accepted and not applied.
+    """
+
+    def __init__(
+        self,
+        conv_module: type[nn.Module],
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Module.__init__(self)
+        k = _square_kernel_size(kernel_size)
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        if r > 0:
+            a_shape, b_shape = self._adapter_shapes(in_channels, out_channels // self.conv.groups, k, r)
+            self.lora_A = nn.Parameter(self.conv.weight.new_zeros(a_shape))
+            self.lora_B = nn.Parameter(self.conv.weight.new_zeros(b_shape))
+            self.conv.weight.requires_grad = False
+        self.reset_parameters()
+
+    @staticmethod
+    def _adapter_shapes(in_channels: int, out_per_group: int, k: int, r: int):
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        self.conv.reset_parameters()
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+
+    def train(self, mode: bool = True) -> "ConvLoRA":
+        nn.Module.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r > 0 and not self.merged:
+            return self.conv._conv_forward(x, self.conv.weight + self.delta_weight(), self.conv.bias)
+        return self.conv(x)
+
+
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(nn.Conv1d, *args, **kwargs)
+
+    @staticmethod
+    def _adapter_shapes(in_channels, out_per_group, k, r):
+        return (r, in_channels * k), (out_per_group, r)
+
+
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(nn.Conv2d, *args, **kwargs)
+
+    @staticmethod
+    def _adapter_shapes(in_channels, out_per_group, k, r):
+        return (r * k, in_channels * k), (out_per_group * k, r * k)
+
+
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(nn.Conv3d, *args, **kwargs)
+
+    @staticmethod
+    def _adapter_shapes(in_channels, out_per_group, k, r):
+        return (r * k, in_channels * k * k), (out_per_group * k, r * k)
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter but the LoRA ones; ``bias`` in "none" | "all" | "lora_only"."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.requires_grad = False
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.requires_grad = True
+    elif bias == "lora_only":
+        for module in model.modules():
+            if isinstance(module, LoRALayer) and getattr(module, "bias", None) is not None:
+                module.bias.requires_grad = True
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The LoRA parameters of ``model`` (and the biases ``bias`` asks for), as loralib returns them."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    state = model.state_dict()
+    if bias == "none":
+        return {k: v for k, v in state.items() if "lora_" in k}
+    if bias == "all":
+        return {k: v for k, v in state.items() if "lora_" in k or "bias" in k}
+    selected = {}
+    for k, v in state.items():
+        if "lora_" in k:
+            selected[k] = v
+            bias_name = k.split("lora_")[0] + "bias"
+            if bias_name in state:
+                selected[bias_name] = state[bias_name]
+    return selected

@@ -1,0 +1,196 @@
+"""``fastlora.lora_linear``: input checks, autocast, the autograd Function and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlora import _backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SEED_HIGH = 2**62
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    return t
+
+
+def validate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    fan_in_fan_out: bool,
+) -> None:
+    """Raise ValueError / TypeError naming the offending argument, with shapes and dtypes."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_tensor(name, t)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (..., in_features), got {_describe(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got {_describe(weight)}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_A and lora_B must be 2-D, got lora_A {_describe(lora_A)}, lora_B {_describe(lora_B)}")
+    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    layout = "(in_features, out_features) since fan_in_fan_out=True" if fan_in_fan_out else "(out_features, in_features)"
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x's last dimension ({x.shape[-1]}) must equal in_features ({in_features}); "
+            f"x {_describe(x)}, weight {_describe(weight)} laid out as {layout}"
+        )
+    rank = lora_A.shape[0]
+    if rank < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got {_describe(lora_A)}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {_describe(lora_A)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(
+            f"lora_B must have shape (out_features={out_features}, r={rank}), got {_describe(lora_B)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape (out_features={out_features},), got {_describe(bias)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype; x {_describe(x)}, weight {_describe(weight)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias must have x's dtype; x {_describe(x)}, bias {_describe(bias)}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share a dtype; lora_A {_describe(lora_A)}, lora_B {_describe(lora_B)}")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"lora_A / lora_B must be in x's dtype ({x.dtype}) or float32, got {lora_A.dtype}"
+        )
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _ops(backend: str) -> tuple[object, object]:
+    if backend == "triton":
+        from fastlora.ops import triton_ops  # noqa: F401  (registers the ops)
+    elif backend == "cpp":
+        from fastlora.ops import cpp_ops
+
+        cpp_ops.load()
+    namespace = torch.ops.fastlora
+    return getattr(namespace, f"lora_fwd_{backend}"), getattr(namespace, f"lora_bwd_{backend}")
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s * drop(x) A^T B^T with a frozen W.
+
+    Shapes: x (M, K), W (N, K), b (N,), A (r, K), B (N, r), dy (M, N); drop(x) = x * m / (1 - p)
+    for a keep-mask m regenerated from ``seed`` (never saved). With S = drop(x) A^T (M, r),
+    saved in float32 by the forward, and G = dy B (M, r):
+
+      dy/dx:  y = x W^T + s * (x * m / (1-p)) A^T B^T
+              => dx = dy W + s * (dy B A) * m / (1-p) = dy W + s * (G A) * m / (1-p)
+      dy/dA:  y depends on A through s * drop(x) A^T B^T
+              => dA = s * B^T dy^T drop(x) = s * G^T drop(x)            (r, K)
+      dy/dB:  y depends on B through s * S B^T
+              => dB = s * dy^T S                                       (N, r)
+      db   =  sum over rows of dy                                       (N,)
+      dW   is never computed: the base weight is frozen.
+
+    Saved for backward: x, W, A, B (all already alive), S (M x r) and the seed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
+        forward_op, _ = _ops(backend)
+        y, S = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+        needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
+        needs_dbias = needs_dbias and ctx.has_bias
+        _, backward_op = _ops(ctx.backend)
+        dx, dA, dB, dbias = backward_op(
+            dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
+            needs_dx, needs_dA, needs_dB, needs_dbias,
+        )
+        return (
+            dx if needs_dx else None,
+            None,
+            dbias if needs_dbias else None,
+            dA if needs_dA else None,
+            dB if needs_dB else None,
+            None, None, None, None, None,
+        )
+
+
+def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as (M, K), a view whenever the leading dimensions allow one."""
+    if x.dim() == 2:
+        return x
+    return x.reshape(-1, x.shape[-1])
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """Fused LoRA linear: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+
+    Shapes: x (..., K); weight (N, K), or (K, N) when ``fan_in_fan_out``; bias (N,) or None;
+    lora_A (r, K); lora_B (N, r). Returns (..., N) in x's dtype. Dropout (rate ``dropout_p``,
+    only when ``training``) applies to the LoRA input only; its mask comes from a seed drawn
+    from torch's generator, so ``torch.manual_seed`` reproduces it. Gradients flow to x, bias,
+    lora_A and lora_B; the frozen ``weight`` never gets one (it must not require grad).
+    Under ``torch.autocast`` all inputs are cast to the autocast dtype, as ``nn.Linear`` does.
+    """
+    _check_tensor("x", x)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight requires grad, but lora_linear never computes a gradient for the frozen base "
+            "weight; call weight.requires_grad_(False) (fastlora.mark_only_lora_as_trainable does)"
+        )
+    dropout_p = float(dropout_p) if training else 0.0
+    backend = _backend.resolve(x.device)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
+    x2d = _flatten_rows(x)
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRALinearFunction.apply(
+            x2d, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, fan_in_fan_out, backend
+        )
+    return y.reshape(*x.shape[:-1], y.shape[-1])

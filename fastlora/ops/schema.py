@@ -1,0 +1,86 @@
+"""The op schema every backend implements, and the fake (meta) kernels shared by all of them.
+
+Each backend registers two ops under the ``fastlora`` namespace, ``lora_fwd_<backend>`` and
+``lora_bwd_<backend>``, with the signatures below. ``torch.compile`` sees them as opaque ops
+(or, for Triton, traces into the kernels) and uses these fake kernels for shapes.
+
+Forward:  (x (M, K), weight (N, K) | (K, N), bias (N,)?, lora_A (r, K), lora_B (N, r),
+           scaling, dropout_p, seed (1,) int64?, fan_in_fan_out)
+          -> y (M, N) in x's dtype, S = drop(x) A^T (M, r) in float32
+Backward: (dy (M, N), x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, fan_in_fan_out,
+           needs_dx, needs_dA, needs_dB, needs_dbias)
+          -> dx (M, K), dA (r, K), dB (N, r), dbias (N,); a gradient that is not needed is
+             returned as an empty tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+    "float dropout_p, Tensor? seed, bool fan_in_fan_out) -> (Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, float scaling, "
+    "float dropout_p, Tensor? seed, bool fan_in_fan_out, bool needs_dx, bool needs_dA, "
+    "bool needs_dB, bool needs_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def fake_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = x.new_empty((x.shape[0], lora_B.shape[0]))
+    S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+    return y, S
+
+
+def empty_gradient(like: torch.Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An uninitialised gradient shaped like ``like`` (or ``shape``), or an empty tensor."""
+    if not needed:
+        return like.new_empty((0,))
+    return like.new_empty(like.shape if shape is None else shape)
+
+
+def fake_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+    needs_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        empty_gradient(x, needs_dx),
+        empty_gradient(lora_A, needs_dA),
+        empty_gradient(lora_B, needs_dB),
+        empty_gradient(dy, needs_dbias, (dy.shape[1],)),
+    )
+
+
+def define_ops(backend: str) -> None:
+    """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels."""
+    for kind, schema, fake in (
+        ("fwd", FORWARD_SCHEMA, fake_forward),
+        ("bwd", BACKWARD_SCHEMA, fake_backward),
+    ):
+        name = f"fastlora::lora_{kind}_{backend}"
+        torch.library.define(name, schema)
+        torch.library.register_fake(name, fake)

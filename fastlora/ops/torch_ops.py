@@ -1,0 +1,98 @@
+"""The ``torch`` backend: fastlora's forward and backward in plain PyTorch ops, any device.
+
+Registered as ``fastlora::lora_fwd_torch`` / ``fastlora::lora_bwd_torch`` (schema in
+``schema.py``). Dropout keeps no mask: the keep-mask is drawn from a ``torch.Generator``
+seeded with ``seed`` in the forward and drawn again, identically, in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastlora.ops.schema import define_ops, empty_gradient
+
+define_ops("torch")
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The boolean keep-mask (rows, cols) of the torch backend for ``seed``: P(keep) = 1 - p."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed.item()))
+    return torch.rand((rows, cols), generator=generator, device=device) >= dropout_p
+
+
+def _dropped_input(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """drop(x) = x * mask / (1 - p) in ``dtype`` (x itself, cast, when there is no dropout)."""
+    if seed is None or dropout_p == 0.0:
+        return x.to(dtype)
+    mask = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    return (x * mask).to(dtype) * (1.0 / (1.0 - dropout_p))
+
+
+@torch.library.impl("fastlora::lora_fwd_torch", "CompositeExplicitAutograd")
+def lora_fwd_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x W^T + b + s * S B^T with S = drop(x) A^T; shapes as in ``schema.py``."""
+    w = weight.t() if fan_in_fan_out else weight
+    y = F.linear(x, w, bias)
+    S = _dropped_input(x, dropout_p, seed, lora_A.dtype) @ lora_A.t()
+    if lora_B.dtype == y.dtype:
+        y.addmm_(S, lora_B.t(), alpha=scaling)
+    else:
+        y = y.to(lora_B.dtype).addmm_(S, lora_B.t(), alpha=scaling).to(x.dtype)
+    return y, S.float()
+
+
+@torch.library.impl("fastlora::lora_bwd_torch", "CompositeExplicitAutograd")
+def lora_bwd_torch(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+    needs_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx = dy W + s (G A) * mask / (1 - p), dA = s G^T drop(x), dB = s dy^T S, G = dy B."""
+    adapter_dtype = lora_A.dtype
+    dy_adapter = dy.to(adapter_dtype)
+    dx = empty_gradient(x, False)
+    dA = empty_gradient(lora_A, False)
+    dB = empty_gradient(lora_B, False)
+    dbias = empty_gradient(dy, False)
+    if needs_dB:
+        dB = (dy_adapter.t() @ S.to(adapter_dtype)) * scaling
+    if needs_dx or needs_dA:
+        G = dy_adapter @ lora_B
+        if needs_dA:
+            dA = (G.t() @ _dropped_input(x, dropout_p, seed, adapter_dtype)) * scaling
+        if needs_dx:
+            dx = dy @ (weight.t() if fan_in_fan_out else weight)
+            lora_dx = (G @ lora_A) * scaling
+            if seed is not None and dropout_p > 0.0:
+                mask = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+                lora_dx = lora_dx * mask * (1.0 / (1.0 - dropout_p))
+            if lora_dx.dtype == dx.dtype:
+                dx.add_(lora_dx)
+            else:
+                dx = (dx.to(lora_dx.dtype) + lora_dx).to(x.dtype)
+    if needs_dbias:
+        dbias = dy.sum(0)
+    return dx, dA, dB, dbias
