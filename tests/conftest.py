@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

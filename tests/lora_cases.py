@@ -144,19 +144,23 @@ def observe_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, dtype
     return y != 0
 
 
-def reference_results(inputs: dict, case: Case, dtype: torch.dtype, mask: torch.Tensor | None) -> dict:
-    t = cast_inputs(inputs, case, dtype)
+def reference_results(
+    inputs: dict, case: Case, dtype: torch.dtype, mask: torch.Tensor | None, device: str = "cpu"
+) -> dict:
+    t = cast_inputs(inputs, case, dtype, device)
     return run(reference.lora_linear, t, case, dropout_mask=mask)
 
 
-def fastlora_results(inputs: dict, case: Case, backend: str, seed: int = 1234) -> tuple[dict, torch.Tensor | None]:
+def fastlora_results(
+    inputs: dict, case: Case, backend: str, seed: int = 1234, device: str = "cpu"
+) -> tuple[dict, torch.Tensor | None]:
     """Run fastlora.lora_linear on ``backend``; return its results and the mask it used."""
     lead = inputs["x"].shape[:-1]
     mask = None
     with fastlora.use_backend(backend):
         if case.dropout_p:
-            mask = observe_keep_mask((*lead, case.K), case.dropout_p, seed, case.dtype)
-        t = cast_inputs(inputs, case)
+            mask = observe_keep_mask((*lead, case.K), case.dropout_p, seed, case.dtype, device)
+        t = cast_inputs(inputs, case, device=device)
         torch.manual_seed(seed)
         out = run(fastlora.lora_linear, t, case)
     return out, mask

@@ -52,7 +52,16 @@ def test_parity_fp32(case, backend):
     check_case(case, backend)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-@pytest.mark.parametrize("case", HALF_CASES, ids=str)
+def runs_here(case: Case, backend: str) -> bool:
+    """The Triton interpreter has no bf16 tl.dot (triton-lang/triton#11584): bf16 Triton runs
+    in tests/test_gpu.py on a GPU."""
+    return not (backend == "triton" and case.dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "case,backend",
+    [(case, backend) for case in HALF_CASES for backend in BACKENDS if runs_here(case, backend)],
+    ids=lambda v: str(v),
+)
 def test_parity_low_precision(case, backend):
     check_case(case, backend)

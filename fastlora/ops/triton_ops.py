@@ -1,0 +1,150 @@
+"""The ``triton`` backend: launchers for the kernels in ``fastlora.kernels``.
+
+Registered with ``torch.library.triton_op`` as ``fastlora::lora_fwd_triton`` and
+``fastlora::lora_bwd_triton`` (the schema of ``schema.py``), so ``torch.compile`` traces
+into the kernels. Saved for backward: S (M x r, float32) and the seed; nothing else of size
+M x K (x itself is the caller's) and nothing of size M x N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
+from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
+
+
+def padded_rank(r: int) -> int:
+    """r rounded up to a power of two, at least 16 (tl.dot's smallest dimension)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands multiply in full precision (the reference does); halves are exact anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(stride over N, stride over K) of W, whether stored (N, K) or (K, N)."""
+    if fan_in_fan_out:
+        return weight.stride(1), weight.stride(0)
+    return weight.stride(0), weight.stride(1)
+
+
+@triton_op("fastlora::lora_fwd_triton", mutates_args=())
+def lora_fwd_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    N, R = lora_B.shape
+    y = x.new_empty((M, N))
+    S = x.new_empty((M, R), dtype=torch.float32)
+    if M == 0:
+        return y, S
+    r_pad = padded_rank(R)
+    has_dropout = seed is not None and dropout_p > 0.0
+    seed_arg = seed if has_dropout else S
+    wrap_triton(lora_shrink_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+        x, lora_A, S, seed_arg,
+        M, K, R,
+        x.stride(0), x.stride(1),
+        lora_A.stride(0), lora_A.stride(1),
+        S.stride(0), S.stride(1),
+        dropout_p,
+        HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype),
+    )
+    stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(lora_forward_kernel)[grid](
+        x, weight, bias if bias is not None else y, S, lora_B, y,
+        M, N, K, R,
+        x.stride(0), x.stride(1),
+        stride_wn, stride_wk,
+        S.stride(0), S.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        y.stride(0), y.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, R_PAD=r_pad,
+        INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_B.dtype),
+    )
+    return y, S
+
+
+@triton_op("fastlora::lora_bwd_triton", mutates_args=())
+def lora_bwd_triton(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+    needs_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    N, R = lora_B.shape
+    r_pad = padded_rank(R)
+    has_dropout = seed is not None and dropout_p > 0.0
+    needs_g = needs_dx or needs_dA
+    G = x.new_empty((M, R) if needs_g else (0, R), dtype=torch.float32)
+    dB = x.new_zeros((N, R) if needs_dB else (0, R), dtype=torch.float32)
+    dbias = x.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32)
+    dx = x.new_empty((M, K) if needs_dx else (0, K))
+    dA = lora_A.new_zeros(lora_A.shape if needs_dA else (0, K))
+    dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
+    if M > 0 and (needs_g or needs_dB or needs_dbias):
+        wrap_triton(lora_grad_output_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            dy, lora_B, S, G, dB, dbias,
+            M, N, R,
+            dy.stride(0), dy.stride(1),
+            lora_B.stride(0), lora_B.stride(1),
+            S.stride(0), S.stride(1),
+            G.stride(0), G.stride(1),
+            dB.stride(0), dB.stride(1),
+            scaling,
+            NEEDS_G=needs_g, NEEDS_DB=needs_dB, NEEDS_DBIAS=needs_dbias,
+            R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_B.dtype),
+        )
+    seed_arg = seed if has_dropout else G
+    if M > 0 and needs_dx:
+        stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
+        wrap_triton(lora_grad_input_kernel)[grid](
+            dy, weight, G, lora_A, dx, seed_arg,
+            M, N, K, R,
+            dy.stride(0), dy.stride(1),
+            stride_wn, stride_wk,
+            G.stride(0), G.stride(1),
+            lora_A.stride(0), lora_A.stride(1),
+            dx.stride(0), dx.stride(1),
+            scaling, dropout_p,
+            HAS_DROPOUT=has_dropout, R_PAD=r_pad,
+            INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_A.dtype),
+        )
+    if M > 0 and needs_dA:
+        wrap_triton(lora_grad_a_kernel)[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)](
+            G, x, dA, seed_arg,
+            M, K, R,
+            G.stride(0), G.stride(1),
+            x.stride(0), x.stride(1),
+            dA.stride(0), dA.stride(1),
+            scaling, dropout_p,
+            HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype),
+        )
+    return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)

@@ -1,0 +1,222 @@
+"""Backward kernels (W frozen: no dW, ever).
+
+Shapes: dy (M, N); B (N, r); S (M, r) float32; G = dy B (M, r) float32; W (N, K) (strides
+swapped for fan_in_fan_out); A (r, K); x (M, K) any strides; dx (M, K); dA (r, K); dB (N, r)
+and dbias (N,) accumulated in float32 buffers.
+"""
+
+import triton
+import triton.language as tl
+
+from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
+from fastlora.kernels.dropout import dropout_keep
+
+
+@triton.autotune(
+    configs=rank_configs(), key=["M", "N", "R_PAD"], reset_to_zero=["db_ptr", "dbias_ptr"],
+    prune_configs_by={"early_config_prune": prune_for_rank},
+)
+@triton.jit
+def lora_grad_output_kernel(
+    # pointers
+    dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_gm, stride_gr,
+    stride_dbn, stride_dbr,
+    # scalars
+    scaling,
+    # meta-parameters
+    NEEDS_G: tl.constexpr,
+    NEEDS_DB: tl.constexpr,
+    NEEDS_DBIAS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One read of dy's m-block gives G = dy B (stored) and its share of dB = s dy^T S and of
+    dbias = sum_m dy (atomically added into float32 buffers).
+
+    Grid: (cdiv(M, BLOCK_M),). BLOCK_K is unused here (shared config list).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    adapter_dtype = b_ptr.dtype.element_ty
+    if NEEDS_DB:
+        s = tl.load(
+            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+        ).to(adapter_dtype)
+    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )
+        if NEEDS_G:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=mask_n[:, None] & mask_r[None, :], other=0.0,
+            )
+            g = tl.dot(dy.to(adapter_dtype), b, g, input_precision=ADAPTER_PRECISION)
+        if NEEDS_DB:
+            db = tl.dot(tl.trans(dy.to(adapter_dtype)), s, input_precision=ADAPTER_PRECISION)
+            tl.atomic_add(
+                db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                db * scaling, mask=mask_n[:, None] & mask_r[None, :],
+            )
+        if NEEDS_DBIAS:
+            tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n)
+    if NEEDS_G:
+        tl.store(
+            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            g, mask=mask_m[:, None] & mask_r[None, :],
+        )
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
+@triton.jit
+def lora_grad_input_kernel(
+    # pointers
+    dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, seed_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_dym, stride_dyn,
+    stride_wn, stride_wk,
+    stride_gm, stride_gr,
+    stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    # scalars
+    scaling, dropout_p,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dx[m-block, k-block] = dy W + scaling * (G A) * mask / (1 - p), the rank-r term in the
+    epilogue with the mask regenerated from the seed.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),): here the output tile is BLOCK_M x BLOCK_N
+    over dx's K columns, and BLOCK_K tiles the reduction over N.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_N)
+    group_size = GROUP_M * num_pid_k
+    first_m = (pid // group_size) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_rows
+    pid_k = (pid % group_size) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+        )
+        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+
+    g = tl.load(
+        g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+    )
+    a = tl.load(
+        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+    )
+    lora = scaling * tl.dot(g.to(a.dtype), a, input_precision=ADAPTER_PRECISION)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+        lora = tl.where(keep, lora * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc += lora
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :],
+    )
+
+
+@triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
+@triton.jit
+def lora_grad_a_kernel(
+    # pointers
+    g_ptr, x_ptr, da_ptr, seed_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_gm, stride_gr,
+    stride_xm, stride_xk,
+    stride_dar, stride_dak,
+    # scalars
+    scaling, dropout_p,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dA[:, k-block] = scaling * G^T drop(x)[:, k-block], the mask regenerated from the seed.
+
+    Grid: (cdiv(K, BLOCK_K),); each program reduces over all of M. BLOCK_N is unused here.
+    """
+    pid_k = tl.program_id(0).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    adapter_dtype = da_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        g_t = tl.load(
+            g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
+            mask=mask_r[:, None] & mask_m[None, :], other=0.0,
+        )
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
+        acc = tl.dot(g_t.to(adapter_dtype), x.to(adapter_dtype), acc, input_precision=ADAPTER_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    tl.store(
+        da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+        (acc * scaling).to(adapter_dtype), mask=mask_r[:, None] & mask_k[None, :],
+    )

@@ -1,0 +1,147 @@
+"""Forward kernels: S = drop(x) A^T, then y = x W^T + b + s * S B^T in one pass over y.
+
+Shapes: x (M, K) with any strides; A (r, K); W (N, K) (a (K, N) fan_in_fan_out weight is the
+same W read with swapped strides); B (N, r); b (N,); S (M, r) float32; y (M, N).
+R_PAD is r rounded up to a power of two >= 16 (tl.dot's minimum); the padding lanes are
+masked loads, never copies of A or B.
+"""
+
+import triton
+import triton.language as tl
+
+from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
+from fastlora.kernels.dropout import dropout_keep
+
+
+@triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
+@triton.jit
+def lora_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, s_ptr, seed_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    # scalars
+    dropout_p,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """S[m-block, :] = drop(x)[m-block, :] A^T, accumulated in float32 over K.
+
+    Grid: (cdiv(M, BLOCK_M),). BLOCK_N is unused here (shared config list).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
+        a_t = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=mask_k[:, None] & mask_r[None, :], other=0.0,
+        )
+        acc = tl.dot(x.to(a_t.dtype), a_t, acc, input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    tl.store(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        acc, mask=mask_m[:, None] & mask_r[None, :],
+    )
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
+@triton.jit
+def lora_forward_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    # scalars
+    scaling,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[m-block, n-block] = x W^T + b + scaling * S B^T, float32 accumulation, one store.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), programs grouped GROUP_M rows at a time so
+    neighbouring programs share W tiles in L2.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_rows
+    pid_n = (pid % group_size) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        w_t = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
+
+    s = tl.load(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+    )
+    b_t = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+    )
+    lora = tl.dot(s.to(b_t.dtype), b_t, input_precision=ADAPTER_PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
+    )

@@ -1,0 +1,81 @@
+"""GPU-only checks (marker ``gpu``; skipped without CUDA): bf16 Triton kernels, large shapes
+under the 2x-error rule, the auto backend, Inductor and CUDA graphs."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastlora
+from lora_cases import Case, assert_2x_rule, fastlora_results, make_inputs, reference_results
+
+pytestmark = pytest.mark.gpu
+
+GPU_CASES = [
+    Case(M=4096, K=1024, N=2048, r=16, dtype=torch.bfloat16),
+    Case(M=1000, K=1000, N=1000, r=64, dtype=torch.bfloat16, dropout_p=0.1),
+    Case(M=1, K=4096, N=4096, r=16, dtype=torch.bfloat16),
+    Case(M=777, K=333, N=555, r=256, dtype=torch.float16, batch=2, fan_in_fan_out=True),
+    Case(M=2048, K=1024, N=1024, r=8, dtype=torch.bfloat16, adapter_dtype=torch.float32, dropout_p=0.1),
+    Case(M=513, K=257, N=129, r=7, dtype=torch.bfloat16, strided=True, bias=False),
+    Case(M=300, K=200, N=100, r=16, dtype=torch.float32, dropout_p=0.2),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_parity(case, backend):
+    inputs = make_inputs(case)
+    ours, mask = fastlora_results_on_cuda(inputs, case, backend)
+    truth = reference_results_on_cuda(inputs, case, torch.float64, mask)
+    plain = reference_results_on_cuda(inputs, case, case.dtype, mask)
+    assert_2x_rule(ours, truth, plain, case.dtype, label=f"{backend} {case}")
+
+
+def fastlora_results_on_cuda(inputs, case, backend):
+    return fastlora_results({k: to_cuda(v) for k, v in inputs.items()}, case, backend, device="cuda")
+
+
+def reference_results_on_cuda(inputs, case, dtype, mask):
+    return reference_results({k: to_cuda(v) for k, v in inputs.items()}, case, dtype, mask, device="cuda")
+
+
+def to_cuda(v):
+    return v.cuda() if isinstance(v, torch.Tensor) else v
+
+
+def test_auto_picks_triton_on_cuda():
+    from fastlora import _backend
+
+    assert _backend.resolve(torch.device("cuda")) == "triton"
+
+
+def test_inductor_compiles_a_training_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(fastlora.Linear(256, 512, r=16, lora_dropout=0.1), nn.GELU(), fastlora.Linear(512, 256, r=16))
+    model = model.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True)
+    loss = compiled(x).float().square().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_cuda_graph_captures_a_training_step():
+    torch.manual_seed(0)
+    layer = fastlora.Linear(512, 512, r=16, lora_dropout=0.1).cuda().to(torch.bfloat16)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (autotuning) outside the capture
+            layer(x).float().sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        layer(x).float().sum().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_A.grad.abs().sum() > 0
