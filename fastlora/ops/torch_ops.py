@@ -22,12 +22,15 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, dropout_p: float, device
     return torch.rand((rows, cols), generator=generator, device=device) >= dropout_p
 
 
-def _dropped_input(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """drop(x) = x * mask / (1 - p) in ``dtype`` (x itself, cast, when there is no dropout)."""
+def _mask_if_dropout(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor | None:
     if seed is None or dropout_p == 0.0:
-        return x.to(dtype)
-    mask = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-    return (x * mask).to(dtype) * (1.0 / (1.0 - dropout_p))
+        return None
+    return keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+
+
+def _masked_input(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x * mask in ``dtype``, not yet scaled by 1 / (1 - p) (x itself, cast, without a mask)."""
+    return x.to(dtype) if mask is None else x.mul(mask).to(dtype)
 
 
 @torch.library.impl("fastlora::lora_fwd_torch", "CompositeExplicitAutograd")
@@ -45,7 +48,10 @@ def lora_fwd_torch(
     """y = x W^T + b + s * S B^T with S = drop(x) A^T; shapes as in ``schema.py``."""
     w = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, w, bias)
-    S = _dropped_input(x, dropout_p, seed, lora_A.dtype) @ lora_A.t()
+    mask = _mask_if_dropout(x, dropout_p, seed)
+    S = _masked_input(x, mask, lora_A.dtype) @ lora_A.t()
+    if mask is not None:
+        S.mul_(1.0 / (1.0 - dropout_p))
     if lora_B.dtype == y.dtype:
         y.addmm_(S, lora_B.t(), alpha=scaling)
     else:
@@ -81,18 +87,19 @@ def lora_bwd_torch(
         dB = (dy_adapter.t() @ S.to(adapter_dtype)) * scaling
     if needs_dx or needs_dA:
         G = dy_adapter @ lora_B
+        mask = _mask_if_dropout(x, dropout_p, seed)
+        lora_scale = scaling if mask is None else scaling / (1.0 - dropout_p)
         if needs_dA:
-            dA = (G.t() @ _dropped_input(x, dropout_p, seed, adapter_dtype)) * scaling
+            dA = (G.t() @ _masked_input(x, mask, adapter_dtype)).mul_(lora_scale)
         if needs_dx:
             dx = dy @ (weight.t() if fan_in_fan_out else weight)
-            lora_dx = (G @ lora_A) * scaling
-            if seed is not None and dropout_p > 0.0:
-                mask = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-                lora_dx = lora_dx * mask * (1.0 / (1.0 - dropout_p))
+            lora_dx = G @ lora_A
+            if mask is not None:
+                lora_dx.mul_(mask)
             if lora_dx.dtype == dx.dtype:
-                dx.add_(lora_dx)
+                dx.add_(lora_dx, alpha=lora_scale)
             else:
-                dx = (dx.to(lora_dx.dtype) + lora_dx).to(x.dtype)
+                dx = dx.to(lora_dx.dtype).add_(lora_dx, alpha=lora_scale).to(x.dtype)
     if needs_dbias:
         dbias = dy.sum(0)
     return dx, dA, dB, dbias

@@ -1,0 +1,139 @@
+"""Measuring one provider on one shape: correctness gate, timing, memory, kernel count.
+
+Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward alone,
+the graph retained), ``full`` (forward + backward). Times are medians with p20/p80 in ms:
+on CUDA from ``triton.testing.do_bench`` (CUDA graphs for M <= 16 forward), on CPU from
+``time.perf_counter`` over repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from benchmarks.providers import Shape
+
+MODES = ("fwd", "bwd", "full")
+
+
+def flops(shape: Shape, mode: str, lora: bool) -> float:
+    """Useful floating-point operations of one call (frozen W: no dW)."""
+    M, K, N, r = shape.M, shape.K, shape.N, shape.r
+    forward = 2 * M * K * N + (2 * M * K * r + 2 * M * N * r if lora else 0)
+    backward = 2 * M * N * K + (4 * M * N * r + 4 * M * K * r if lora else 0)
+    return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
+
+
+def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(samples_ms)
+    if len(ordered) == 1:
+        return ordered[0], ordered[0], ordered[0]
+    cuts = statistics.quantiles(ordered, n=10, method="inclusive")
+    return statistics.median(ordered), cuts[1], cuts[7]
+
+
+def time_cpu(fn: Callable[[], object], budget_s: float, min_repeats: int = 3, max_repeats: int = 50) -> tuple[float, float, float]:
+    fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def time_cuda(fn: Callable[[], object], use_graph: bool) -> tuple[float, float, float, str]:
+    import triton.testing
+
+    if use_graph:
+        try:
+            median, p20, p80 = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+            return median, p20, p80, "cudagraph"
+        except Exception:  # capture can fail (e.g. a provider that syncs); fall back to events
+            pass
+    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80, "do_bench"
+
+
+def mode_function(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
+    def forward():
+        return module(x)
+
+    def full():
+        module(x).backward(dy)
+
+    if mode == "fwd":
+        return forward
+    if mode == "full":
+        return full
+    y = module(x)
+
+    def backward():
+        y.backward(dy, retain_graph=True)
+
+    return backward
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward beyond x and the module's parameters."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    for t in [x, *module.parameters()]:
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+def peak_memory_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """CUDA: peak bytes allocated by one forward + backward above what was allocated before."""
+    if x.device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    module(x).backward(dy)
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - before)
+
+
+def kernel_count(fn: Callable[[], object], device: str) -> float:
+    """CUDA kernels one call launches (from the profiler); NaN on CPU."""
+    if device != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return float(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+
+
+def check_against_reference(module: nn.Module, reference: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> str | None:
+    """Compare output and input gradient with dropout off (eval mode); None when they agree."""
+    tolerance = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[x.dtype]
+    results = []
+    for m in (module, reference):
+        m.eval()
+        xi = x.detach().clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        results.append((y.detach().float(), xi.grad.float()))
+        m.train()
+    for name, ours, ref in zip(("y", "dx"), results[0], results[1]):
+        err = (ours - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+        if not err <= tolerance:
+            return f"{name} relative error {err:.2e} > {tolerance:.0e}"
+    return None

@@ -1,0 +1,153 @@
+"""One setup per provider: a LoRA layer (or the frozen base) with the same weights for all.
+
+Every provider gets W (N, K), b (N,), A (r, K), B (N, r) drawn from one seed, and returns a
+module whose forward takes x (M, K). ``base`` is the frozen nn.Linear without LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+import torch.nn as nn
+
+import fastlora
+import fastlora.reference as reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    M: int
+    K: int
+    N: int
+    r: int
+    dropout: float
+    bias: bool
+
+
+@dataclasses.dataclass
+class Weights:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+
+def make_weights(shape: Shape, dtype: torch.dtype, device: str) -> Weights:
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return Weights(
+        weight=rand(shape.N, shape.K, scale=shape.K**-0.5),
+        bias=rand(shape.N) if shape.bias else None,
+        lora_A=rand(shape.r, shape.K, scale=shape.K**-0.5),
+        lora_B=rand(shape.N, shape.r, scale=shape.r**-0.5),
+        scaling=2.0,
+    )
+
+
+class ReferenceLoRA(nn.Module):
+    """fastlora.reference.lora_linear as a module (PEFT's math in plain autograd)."""
+
+    def __init__(self, w: Weights, dropout: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(w.weight, requires_grad=False)
+        self.bias = None if w.bias is None else nn.Parameter(w.bias)
+        self.lora_A = nn.Parameter(w.lora_A)
+        self.lora_B = nn.Parameter(w.lora_B)
+        self.scaling = w.scaling
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
+        )
+
+
+class FastLoRA(nn.Module):
+    """fastlora.Linear on a fixed backend (``auto`` picks Triton on CUDA, C++ or torch on CPU)."""
+
+    def __init__(self, w: Weights, dropout: float, backend: str) -> None:
+        super().__init__()
+        N, K = w.weight.shape
+        self.layer = fastlora.Linear(
+            K, N, r=w.lora_A.shape[0], lora_alpha=w.scaling * w.lora_A.shape[0], lora_dropout=dropout,
+            bias=w.bias is not None, merge_weights=False, device=w.weight.device, dtype=w.weight.dtype,
+        )
+        load_linear(self.layer, w)
+        self.layer.lora_A.data.copy_(w.lora_A)
+        self.layer.lora_B.data.copy_(w.lora_B)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fastlora.use_backend(self.backend):
+            return self.layer(x)
+
+
+def load_linear(layer: nn.Linear, w: Weights) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(w.weight)
+        if w.bias is not None:
+            layer.bias.copy_(w.bias)
+    layer.weight.requires_grad_(False)
+
+
+def base_layer(w: Weights) -> nn.Linear:
+    N, K = w.weight.shape
+    layer = nn.Linear(K, N, bias=w.bias is not None, device=w.weight.device, dtype=w.weight.dtype)
+    load_linear(layer, w)
+    return layer
+
+
+def peft_layer(w: Weights, dropout: float) -> nn.Module:
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    r = w.lora_A.shape[0]
+    alpha = w.scaling * r
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer = PeftLinear(base_layer(w), "default", config=config, r=r, lora_alpha=alpha, lora_dropout=dropout)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(w.lora_A)
+        layer.lora_B["default"].weight.copy_(w.lora_B)
+    layer.base_layer.weight.requires_grad_(False)
+    return layer
+
+
+def provider_names(device: str) -> list[str]:
+    """Providers measured on ``device`` (peft only when installed)."""
+    names = ["base", "reference"]
+    if importlib.util.find_spec("peft") is not None:
+        names.append("peft")
+    names += ["fastlora", "fastlora-torch"]
+    if device == "cpu":
+        from fastlora.ops import cpp_ops
+
+        if cpp_ops.unavailable_reason() is None:
+            names.append("fastlora-cpp")
+    else:
+        names.append("reference-compiled")
+    return names
+
+
+def build(name: str, w: Weights, dropout: float) -> nn.Module:
+    """The module a provider times, in training mode."""
+    if name == "base":
+        module = base_layer(w)
+    elif name == "reference":
+        module = ReferenceLoRA(w, dropout)
+    elif name == "reference-compiled":
+        module = torch.compile(ReferenceLoRA(w, dropout))
+    elif name == "peft":
+        module = peft_layer(w, dropout)
+    elif name == "fastlora":
+        module = FastLoRA(w, dropout, "auto")
+    elif name.startswith("fastlora-"):
+        module = FastLoRA(w, dropout, name.removeprefix("fastlora-"))
+    else:
+        raise ValueError(f"unknown provider {name!r}")
+    return module.train()

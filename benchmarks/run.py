@@ -1,0 +1,236 @@
+"""Run the benchmark suite on whatever device is present.
+
+    python -m benchmarks.run --quick        # a few minutes on a CPU; the README's quick start
+    python -m benchmarks.run                # the full suite
+    python -m benchmarks.run --shapes 8192x4096x4096x16 --modes fwd full
+
+Prints a table, appends one row per (provider, shape, mode) to
+benchmarks/results/<device>.csv (with device, versions, git sha, timestamp) and redraws the
+PNG plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
+fastlora.reference is reported as ``wrong`` and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+
+import torch
+
+from benchmarks import harness
+from benchmarks.providers import Shape, build, make_weights, provider_names
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+COLUMNS = [
+    "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "mode",
+    "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "timer",
+    "tflops", "pct_peak", "vs_base", "vs_peft", "vs_reference", "saved_bytes", "peak_mem_bytes", "kernels",
+]
+
+# LLaMA-style (K, N): attention projections, MLP up / down, 13B and 70B-class widths.
+GPU_LAYERS = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (8192, 8192)]
+GPU_TOKENS = [1, 16, 512, 2048, 8192, 16384]
+CPU_SCALE = 4  # CPU runs the same layers with K, N / 4 and at most 2048 tokens
+
+
+def suite(device: str, quick: bool) -> list[Shape]:
+    """The shapes to measure: r=16 across layers and tokens, then a rank sweep, dropout 0 / 0.1."""
+    layers, tokens = GPU_LAYERS, GPU_TOKENS
+    if device == "cpu":
+        layers = [(k // CPU_SCALE, n // CPU_SCALE) for k, n in layers]
+        tokens = [m for m in tokens if m <= 2048]
+    if quick:
+        layers, tokens = layers[:1], [tokens[1], tokens[-1]] if device == "cpu" else [16, 8192]
+    shapes = []
+    for K, N in layers:
+        for M in tokens:
+            for dropout in (0.0, 0.1):
+                shapes.append(Shape(M, K, N, 16, dropout, bias=False))
+    if not quick:
+        K, N = layers[0]
+        M = tokens[-2]
+        for r in (8, 64, 128):
+            shapes.append(Shape(M, K, N, r, 0.1, bias=False))
+        shapes.append(Shape(M, K, N, 16, 0.0, bias=True))
+    return shapes
+
+
+def parse_shape(text: str) -> Shape:
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)(?:@([\d.]+))?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--shapes takes MxKxNxr or MxKxNxr@dropout, got {text!r}")
+    M, K, N, r = (int(v) for v in match.groups()[:4])
+    return Shape(M, K, N, r, float(match.group(5) or 0.0), bias=False)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=pathlib.Path(__file__).parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
+
+
+def measure_peak_tflops(device: str, dtype: torch.dtype) -> float:
+    """The best plain matmul rate on this device, the 100% of the pct_peak column."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if device == "cuda":
+        median, _, _, _ = harness.time_cuda(lambda: a @ b, use_graph=False)
+    else:
+        median, _, _ = harness.time_cpu(lambda: a @ b, budget_s=0.5)
+    return 2 * n**3 / (median * 1e-3) / 1e12
+
+
+def progress(items: list, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="benchmarks", unit="case", disable=not enabled, file=sys.stderr)
+
+
+def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, dtype: torch.dtype,
+             budget_s: float) -> list[dict]:
+    """Every provider and mode on one shape; ratios filled in once all are measured."""
+    weights = make_weights(shape, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
+    reference = build("reference", weights, shape.dropout)
+    rows = []
+    for name in providers:
+        module = build(name, weights, shape.dropout)
+        error = None if name == "base" else harness.check_against_reference(module, reference, x, dy)
+        saved = harness.saved_bytes(module, x)
+        peak = harness.peak_memory_bytes(module, x, dy)
+        for mode in modes:
+            row = {"provider": name, "mode": mode, "saved_bytes": saved, "peak_mem_bytes": peak}
+            if error is not None:
+                row.update(status=f"wrong: {error}")
+                rows.append(row)
+                continue
+            fn = harness.mode_function(module, x, dy, mode)
+            if device == "cuda":
+                median, p20, p80, timer = harness.time_cuda(fn, use_graph=shape.M <= 16 and mode == "fwd")
+            else:
+                (median, p20, p80), timer = harness.time_cpu(fn, budget_s), "perf_counter"
+            row.update(
+                status="ok", median_ms=median, p20_ms=p20, p80_ms=p80, timer=timer,
+                tflops=harness.flops(shape, mode, name != "base") / (median * 1e-3) / 1e12,
+                kernels=harness.kernel_count(fn, device),
+            )
+            rows.append(row)
+    for row in rows:
+        for other, column in (("base", "vs_base"), ("peft", "vs_peft"), ("reference", "vs_reference")):
+            match = [o for o in rows if o["provider"] == other and o["mode"] == row["mode"] and "median_ms" in o]
+            if "median_ms" in row and match:
+                row[column] = row["median_ms"] / match[0]["median_ms"]
+    for row in rows:
+        row.update(M=shape.M, K=shape.K, N=shape.N, r=shape.r, dropout=shape.dropout, bias=shape.bias)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} {'mode':>4} {'provider':<19} {'median ms':>10} " \
+             f"{'TFLOP/s':>8} {'vs base':>8} {'vs peft':>8} {'saved MB':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['M']:>6} {row['K']:>6} {row['N']:>6} {row['r']:>4} {row['dropout']:>4} "
+                         f"{row['mode']:>4} {row['provider']:<19} {row['status']}")
+            continue
+        lines.append(
+            f"{row['M']:>6} {row['K']:>6} {row['N']:>6} {row['r']:>4} {row['dropout']:>4} {row['mode']:>4} "
+            f"{row['provider']:<19} {row['median_ms']:>10.3f} {row['tflops']:>8.2f} "
+            f"{row.get('vs_base', math.nan):>8.2f} {row.get('vs_peft', math.nan):>8.2f} "
+            f"{row['saved_bytes'] / 2**20:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def append_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset (minutes on a CPU)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--providers", nargs="+", default=None, help="default: all available")
+    parser.add_argument("--modes", nargs="+", choices=harness.MODES, default=list(harness.MODES))
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="MxKxNxr[@dropout] ...")
+    parser.add_argument("--budget", type=float, default=None, help="CPU seconds per timing (default 0.3, quick 0.15)")
+    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/results/<device>.csv")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    providers = args.providers or provider_names(device)
+    shapes = args.shapes or suite(device, args.quick)
+    budget = args.budget or (0.15 if args.quick else 0.3)
+    name = device_name(device)
+    csv_path = args.csv or RESULTS / f"{name}.csv"
+    meta = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(), "device": name, "torch": torch.__version__, "triton": triton_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    peak = measure_peak_tflops(device, dtype)
+    print(f"device {name}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
+          f"measured matmul peak {peak:.2f} TFLOP/s; providers: {', '.join(providers)}")
+    rows = []
+    for shape in progress(shapes, enabled=True):
+        for row in run_case(shape, providers, args.modes, device, dtype, budget):
+            row.update(meta)
+            if "tflops" in row:
+                row["pct_peak"] = 100 * row["tflops"] / peak
+            rows.append(row)
+    print(format_table(rows))
+    append_csv(csv_path, rows)
+    print(f"appended {len(rows)} rows to {csv_path}")
+    if not args.no_plot:
+        from benchmarks import plot
+
+        for png in plot.plot_csv(csv_path):
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
