@@ -100,6 +100,43 @@ class Linear(nn.Linear, LoRALayer):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
 
+    @classmethod
+    def from_linear(
+        cls,
+        base: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> "Linear":
+        """A LoRA layer around ``base``'s own weight and bias Parameters (shared, not copied).
+
+        ``base`` is an nn.Linear (weight (out, in)) or, with ``fan_in_fan_out=True``, a layer
+        storing its weight as (in, out) such as Hugging Face's Conv1D. A and B are created on
+        the weight's device in ``adapter_dtype`` (default: the weight's dtype).
+        """
+        weight = base.weight
+        in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        layer = cls(
+            in_features, out_features, r=0, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            fan_in_fan_out=False, merge_weights=merge_weights, use_rslora=use_rslora,
+            bias=base.bias is not None, device="meta",
+        )
+        layer.weight = weight
+        layer.bias = base.bias
+        layer.fan_in_fan_out = fan_in_fan_out
+        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        dtype = adapter_dtype or weight.dtype
+        layer.lora_A = nn.Parameter(torch.empty((r, in_features), device=weight.device, dtype=dtype))
+        layer.lora_B = nn.Parameter(torch.empty((out_features, r), device=weight.device, dtype=dtype))
+        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(layer.lora_B)
+        weight.requires_grad = False
+        return layer
+
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
         if hasattr(self, "lora_A"):
