@@ -19,7 +19,9 @@ from fastlora.layers import (
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
+from fastlora.model import inject, merge, merge_and_unload, unmerge
 from fastlora.ops import lora_linear
+from fastlora.peft import from_peft, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -33,9 +35,16 @@ __all__ = [
     "LoRALinear",
     "MergedLinear",
     "current_backend",
+    "from_peft",
+    "inject",
+    "load_adapter",
     "lora_linear",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
+    "merge",
+    "merge_and_unload",
     "reference",
+    "save_adapter",
+    "unmerge",
     "use_backend",
 ]
