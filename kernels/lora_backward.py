@@ -10,6 +10,7 @@ import triton.language as tl
 
 from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
+from fastlora.kernels.tiling import grouped_tile
 
 
 @triton.autotune(
@@ -116,14 +117,7 @@ def lora_grad_input_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),): here the output tile is BLOCK_M x BLOCK_N
     over dx's K columns, and BLOCK_K tiles the reduction over N.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_k
-    first_m = (pid // group_size) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_rows
-    pid_k = (pid % group_size) // group_rows
+    pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
+from fastlora.kernels.tiling import grouped_tile
 
 
 @triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
@@ -98,14 +99,7 @@ def lora_forward_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), programs grouped GROUP_M rows at a time so
     neighbouring programs share W tiles in L2.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
