@@ -107,12 +107,12 @@ def measure_peak_tflops(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / (median * 1e-3) / 1e12
 
 
-def progress(items: list, enabled: bool):
+def progress(items: list):
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc="benchmarks", unit="case", disable=not enabled, file=sys.stderr)
+    return tqdm(items, desc="benchmarks", unit="case", file=sys.stderr)
 
 
 def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, dtype: torch.dtype,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
           f"measured matmul peak {peak:.2f} TFLOP/s; providers: {', '.join(providers)}")
     rows = []
-    for shape in progress(shapes, enabled=True):
+    for shape in progress(shapes):
         for row in run_case(shape, providers, args.modes, device, dtype, budget):
             row.update(meta)
             if "tflops" in row:
