@@ -1,12 +1,102 @@
-"""The ``cpp`` backend: the C++ CPU kernels of csrc/, built just-in-time."""
+"""The ``cpp`` backend: the C++ CPU kernels of csrc/, compiled just-in-time with ninja.
+
+The first use compiles csrc/ with ``torch.utils.cpp_extension.load`` (about a minute, once;
+a message says so) into ``$XDG_CACHE_HOME/fastlora`` (``~/.cache/fastlora``), one folder per
+torch and Python version; later uses load the cached library. The library registers the CPU
+kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose schema and fake kernels are
+defined here from ``schema.py``, so ``torch.compile`` sees the same op as for the other
+backends.
+
+``FASTLORA_DISABLE_EXT=1`` turns the extension off. Without a C++ compiler or ninja, or when
+the build fails, a one-line warning is issued and the backend reports itself unavailable:
+``auto`` then runs the PyTorch path, and a forced ``cpp`` raises saying why.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastlora.ops.schema import define_ops
+
+define_ops("cpp", keeps_mask=True)
+
+SOURCES = ("lora_cpu.cpp", "philox.cpp")
+_UNTRIED = "not tried"
+_state = {"reason": _UNTRIED}
+
+
+def source_dir() -> Path:
+    """csrc/: shipped inside the package as fastlora/csrc, or the repository's csrc/."""
+    packaged = Path(__file__).resolve().parents[1] / "csrc"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
+
+
+def build_dir() -> Path:
+    """The cache folder for this torch and Python version."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora"
+    tag = f"torch{torch.__version__}-{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+    return cache / tag.replace("+", "_")
+
+
+def _missing_tool() -> str | None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH)"
+    try:
+        torch.utils.cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build_and_load() -> str | None:
+    """Compile (or find cached) and load the library; the reason it failed, or None."""
+    import torch.utils.cpp_extension
+
+    missing = _missing_tool()
+    if missing is not None:
+        return missing
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        print(f"fastlora: compiling the C++ CPU kernels into {directory} (first use only)", file=sys.stderr)
+    try:
+        torch.utils.cpp_extension.load(
+            name="fastlora_cpu",
+            sources=[str(source_dir() / name) for name in SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # a failed build raises various types; report its key line
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        key_line = next((line for line in lines if "error:" in line), lines[0])
+        return f"the C++ extension failed to build ({key_line.strip()})"
+    return None
+
 
 def unavailable_reason() -> str | None:
-    """Why the C++ extension cannot be used, or None when it is loaded."""
-    return "the C++ extension is not built in this version"
+    """Why the C++ backend cannot run, or None when its library is loaded (builds it once)."""
+    if os.environ.get("FASTLORA_DISABLE_EXT", "0") == "1":
+        return "the C++ extension is disabled by FASTLORA_DISABLE_EXT=1"
+    if _state["reason"] == _UNTRIED:
+        _state["reason"] = _build_and_load()
+        if _state["reason"] is not None:
+            warnings.warn(f"fastlora: {_state['reason']}; using the PyTorch path on CPU", RuntimeWarning, stacklevel=2)
+    return _state["reason"]
 
 
 def load() -> None:
-    raise RuntimeError(f"fastlora backend 'cpp' cannot run: {unavailable_reason()}")
+    """Make sure the library is loaded, or raise RuntimeError saying why it cannot be."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"fastlora backend 'cpp' cannot run: {reason}")

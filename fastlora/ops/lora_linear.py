@@ -98,7 +98,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * drop(x) A^T B^T with a frozen W.
 
     Shapes: x (M, K), W (N, K), b (N,), A (r, K), B (N, r), dy (M, N); drop(x) = x * m / (1 - p)
-    for a keep-mask m regenerated from ``seed`` (never saved). With S = drop(x) A^T (M, r),
+    for a keep-mask m drawn from ``seed``. With S = drop(x) A^T (M, r),
     saved in float32 by the forward, and G = dy B (M, r):
 
       dy/dx:  y = x W^T + s * (x * m / (1-p)) A^T B^T
@@ -110,14 +110,16 @@ class LoRALinearFunction(torch.autograd.Function):
       db   =  sum over rows of dy                                       (N,)
       dW   is never computed: the base weight is frozen.
 
-    Saved for backward: x, W, A, B (all already alive), S (M x r) and the seed.
+    Saved for backward: x, W, A, B (all already alive), S (M x r), the seed and, on the cpp
+    backend with dropout, the keep-mask as bits (M x K / 8 bytes; the other backends
+    regenerate the mask from the seed).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
         forward_op, _ = _ops(backend)
-        y, S = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+        y, S, keep_bits = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
@@ -127,12 +129,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
         needs_dbias = needs_dbias and ctx.has_bias
         _, backward_op = _ops(ctx.backend)
         dx, dA, dB, dbias = backward_op(
-            dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
+            dy, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
             needs_dx, needs_dA, needs_dB, needs_dbias,
         )
         return (

@@ -6,11 +6,16 @@ Each backend registers two ops under the ``fastlora`` namespace, ``lora_fwd_<bac
 
 Forward:  (x (M, K), weight (N, K) | (K, N), bias (N,)?, lora_A (r, K), lora_B (N, r),
            scaling, dropout_p, seed (1,) int64?, fan_in_fan_out)
-          -> y (M, N) in x's dtype, S = drop(x) A^T (M, r) in float32
-Backward: (dy (M, N), x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, fan_in_fan_out,
-           needs_dx, needs_dA, needs_dB, needs_dbias)
+          -> y (M, N) in x's dtype, S = drop(x) A^T (M, r) in float32, keep_bits
+Backward: (dy (M, N), x, weight, lora_A, lora_B, S, keep_bits, scaling, dropout_p, seed,
+           fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias)
           -> dx (M, K), dA (r, K), dB (N, r), dbias (N,); a gradient that is not needed is
              returned as an empty tensor.
+
+keep_bits is the dropout keep-mask packed eight elements a byte, (M, ceil(K / 8)) uint8, bit
+k % 8 of byte [m, k // 8] for element (m, k), for a backend that keeps it from the forward to
+the backward (``cpp``: regenerating Philox numbers costs more than reading 1/8 byte an element
+on a CPU); an empty uint8 tensor for the backends that regenerate the mask from the seed.
 """
 
 from __future__ import annotations
@@ -19,13 +24,25 @@ import torch
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-    "float dropout_p, Tensor? seed, bool fan_in_fan_out) -> (Tensor, Tensor)"
+    "float dropout_p, Tensor? seed, bool fan_in_fan_out) -> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    "(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, float scaling, "
-    "float dropout_p, Tensor? seed, bool fan_in_fan_out, bool needs_dx, bool needs_dA, "
+    "(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, Tensor keep_bits, "
+    "float scaling, float dropout_p, Tensor? seed, bool fan_in_fan_out, bool needs_dx, bool needs_dA, "
     "bool needs_dB, bool needs_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def no_keep_bits(x: torch.Tensor) -> torch.Tensor:
+    """The keep_bits of a backend that does not keep the mask: an empty uint8 tensor."""
+    return x.new_empty((0,), dtype=torch.uint8)
+
+
+def keep_bits_for(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """Uninitialised keep_bits (M, ceil(K / 8)) for x (M, K) when dropout is on, else empty."""
+    if seed is None or dropout_p == 0.0:
+        return no_keep_bits(x)
+    return x.new_empty((x.shape[0], (x.shape[1] + 7) // 8), dtype=torch.uint8)
 
 
 def fake_forward(
@@ -38,10 +55,25 @@ def fake_forward(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = x.new_empty((x.shape[0], lora_B.shape[0]))
     S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-    return y, S
+    return y, S, no_keep_bits(x)
+
+
+def fake_forward_keeping_mask(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, S, _ = fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+    return y, S, keep_bits_for(x, dropout_p, seed)
 
 
 def empty_gradient(like: torch.Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -58,6 +90,7 @@ def fake_backward(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     S: torch.Tensor,
+    keep_bits: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor | None,
@@ -75,10 +108,13 @@ def fake_backward(
     )
 
 
-def define_ops(backend: str) -> None:
-    """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels."""
+def define_ops(backend: str, keeps_mask: bool = False) -> None:
+    """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels.
+
+    ``keeps_mask``: the backend's forward returns the keep-mask as bits (see keep_bits above).
+    """
     for kind, schema, fake in (
-        ("fwd", FORWARD_SCHEMA, fake_forward),
+        ("fwd", FORWARD_SCHEMA, fake_forward_keeping_mask if keeps_mask else fake_forward),
         ("bwd", BACKWARD_SCHEMA, fake_backward),
     ):
         name = f"fastlora::lora_{kind}_{backend}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlora.ops.schema import define_ops, empty_gradient
+from fastlora.ops.schema import define_ops, empty_gradient, no_keep_bits
 
 define_ops("torch")
 
@@ -44,7 +44,7 @@ def lora_fwd_torch(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = x W^T + b + s * S B^T with S = drop(x) A^T; shapes as in ``schema.py``."""
     w = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, w, bias)
@@ -56,7 +56,7 @@ def lora_fwd_torch(
         y.addmm_(S, lora_B.t(), alpha=scaling)
     else:
         y = y.to(lora_B.dtype).addmm_(S, lora_B.t(), alpha=scaling).to(x.dtype)
-    return y, S.float()
+    return y, S.float(), no_keep_bits(x)
 
 
 @torch.library.impl("fastlora::lora_bwd_torch", "CompositeExplicitAutograd")
@@ -67,6 +67,7 @@ def lora_bwd_torch(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     S: torch.Tensor,
+    keep_bits: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor | None,
@@ -76,7 +77,10 @@ def lora_bwd_torch(
     needs_dB: bool,
     needs_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx = dy W + s (G A) * mask / (1 - p), dA = s G^T drop(x), dB = s dy^T S, G = dy B."""
+    """dx = dy W + s (G A) * mask / (1 - p), dA = s G^T drop(x), dB = s dy^T S, G = dy B.
+
+    keep_bits is empty: the mask is drawn again from the seed.
+    """
     adapter_dtype = lora_A.dtype
     dy_adapter = dy.to(adapter_dtype)
     dx = empty_gradient(x, False)

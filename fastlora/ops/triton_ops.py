@@ -14,6 +14,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
 from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
+from fastlora.ops.schema import no_keep_bits
 
 
 def padded_rank(r: int) -> int:
@@ -44,13 +45,13 @@ def lora_fwd_triton(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, K = x.shape
     N, R = lora_B.shape
     y = x.new_empty((M, N))
     S = x.new_empty((M, R), dtype=torch.float32)
     if M == 0:
-        return y, S
+        return y, S, no_keep_bits(x)
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
     seed_arg = seed if has_dropout else S
@@ -77,7 +78,7 @@ def lora_fwd_triton(
         HAS_BIAS=bias is not None, R_PAD=r_pad,
         INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_B.dtype),
     )
-    return y, S
+    return y, S, no_keep_bits(x)
 
 
 @triton_op("fastlora::lora_bwd_triton", mutates_args=())
@@ -88,6 +89,7 @@ def lora_bwd_triton(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     S: torch.Tensor,
+    keep_bits: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor | None,

@@ -1,0 +1,251 @@
+// The `cpp` backend: CPU forward and backward of fastlora.lora_linear, registered as the CPU
+// kernels of fastlora::lora_fwd_cpp / fastlora::lora_bwd_cpp (schema and fake kernels are
+// defined in Python, fastlora/ops/schema.py).
+//
+// Shapes: x (M, K) with any strides; weight (N, K), or (K, N) with fan_in_fan_out; bias (N,);
+// A (r, K); B (N, r); S (M, r) float32; y, dy (M, N).
+//
+// Forward:  y = x W^T + b (one ATen GEMM), then per block of rows, in float32:
+//           S = drop(x) A^T and y += s * S B^T, added in place into y.
+// Backward: dx = dy W (one ATen GEMM), then per block of rows, in float32: G = dy B,
+//           dB += s dy^T S, dA += s G^T drop(x), dx += s (G A) * keep / (1 - p).
+// drop(x) = x * keep / (1 - p). The forward draws the keep-mask from the seed (philox.h, the
+// same numbers as the Triton kernels) and returns it as bits (M x K / 8 bytes) for the
+// backward; inside a block it is expanded to multipliers keep / (1 - p). The low-rank terms run in float32 whatever x's dtype, and the
+// dA / dB partial sums are one per chunk of rows, summed in chunk order: the result does not
+// depend on thread timing.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "philox.h"
+
+namespace fastlora {
+namespace {
+
+constexpr int64_t kBlockRows = 32;
+
+struct Dropout {
+  bool active;
+  uint64_t seed;
+  float p;
+  float inv_keep;  // 1 / (1 - p)
+};
+
+Dropout dropout_of(const std::optional<at::Tensor>& seed, double dropout_p) {
+  if (!seed.has_value() || dropout_p == 0.0) {
+    return {false, 0, 0.0f, 1.0f};
+  }
+  const auto seed_value = static_cast<uint64_t>(seed->item<int64_t>());
+  return {true, seed_value, static_cast<float>(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p))};
+}
+
+// Runs body(chunk, row_begin, row_end) for at most get_num_threads() chunks of whole
+// kBlockRows blocks covering [0, M), in parallel, below autograd (the kernels' ATen calls
+// must not record or check gradients); returns the number of chunks.
+template <typename Body>
+int64_t for_each_row_chunk(int64_t M, const Body& body) {
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t blocks_per_chunk = (blocks + chunks - 1) / std::max<int64_t>(chunks, 1);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per worker
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t row_begin = std::min(M, chunk * blocks_per_chunk * kBlockRows);
+      const int64_t row_end = std::min(M, (chunk + 1) * blocks_per_chunk * kBlockRows);
+      body(chunk, row_begin, row_end);
+    }
+  });
+  return chunks;
+}
+
+// The keep-mask of an (M, K) input as bits, (M, ceil(K / 8)) uint8 (see schema.py), and as
+// multipliers keep (rows, K) for a block of rows: 1 / (1 - p) where kept, 0 where dropped.
+int64_t keep_bits_per_row(int64_t K) { return (K + 7) / 8; }
+
+// Draws the bits of rows [m0, m0 + rows) into keep_bits and expands them into keep.
+void draw_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, at::Tensor& keep_bits, float* keep) {
+  const int64_t row_bytes = keep_bits_per_row(K);
+  uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
+  for (int64_t i = 0; i < rows; ++i) {
+    philox_keep_bits(dropout.seed, (m0 + i) * K, K, dropout.p, bits + i * row_bytes);
+    expand_keep_bits(bits + i * row_bytes, K, dropout.inv_keep, keep + i * K);
+  }
+}
+
+// Expands the forward's bits of rows [m0, m0 + rows) into keep.
+void load_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, const at::Tensor& keep_bits, float* keep) {
+  const int64_t row_bytes = keep_bits_per_row(K);
+  const uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
+  for (int64_t i = 0; i < rows; ++i) {
+    expand_keep_bits(bits + i * row_bytes, K, dropout.inv_keep, keep + i * K);
+  }
+}
+
+// out (rows, K) float32 = x[m0:m0+rows] * keep, or x cast to float32 when keep is null.
+template <typename scalar_t>
+void fill_dropped_input(const at::Tensor& x, int64_t m0, int64_t rows, const float* keep, float* out) {
+  const int64_t K = x.size(1);
+  const int64_t stride_xm = x.stride(0);
+  const int64_t stride_xk = x.stride(1);
+  const scalar_t* x_rows = x.data_ptr<scalar_t>() + m0 * stride_xm;
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* x_row = x_rows + i * stride_xm;
+    float* out_row = out + i * K;
+    if (keep == nullptr) {
+      for (int64_t k = 0; k < K; ++k) out_row[k] = static_cast<float>(x_row[k * stride_xk]);
+    } else if (stride_xk == 1) {
+      const float* keep_row = keep + i * K;
+      for (int64_t k = 0; k < K; ++k) out_row[k] = static_cast<float>(x_row[k]) * keep_row[k];
+    } else {
+      const float* keep_row = keep + i * K;
+      for (int64_t k = 0; k < K; ++k) out_row[k] = static_cast<float>(x_row[k * stride_xk]) * keep_row[k];
+    }
+  }
+}
+
+// The float32 LoRA input of rows [m0, m0 + rows): x's rows themselves when x is float32 and
+// there is no dropout, else drop(x) written into buffer.
+at::Tensor lora_input_rows(const at::Tensor& x, int64_t m0, int64_t rows, const Dropout& dropout,
+                           const float* keep, at::Tensor& buffer) {
+  if (!dropout.active && x.scalar_type() == at::kFloat) {
+    return x.narrow(0, m0, rows);
+  }
+  at::Tensor out = buffer.narrow(0, 0, rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlora_dropped_input", [&] {
+    fill_dropped_input<scalar_t>(x, m0, rows, dropout.active ? keep : nullptr, out.data_ptr<float>());
+  });
+  return out;
+}
+
+// target (rows, K), contiguous, += scale * update (* keep, when not null), rounding once.
+template <typename scalar_t>
+void add_masked(at::Tensor& target, const at::Tensor& update, const float* keep, float scale) {
+  scalar_t* out = target.data_ptr<scalar_t>();
+  const float* in = update.data_ptr<float>();
+  const int64_t count = target.numel();
+  if (keep == nullptr) {
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + scale * in[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + scale * in[i] * keep[i]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, bool fan_in_fan_out) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  const int64_t r = lora_A.size(0);
+  const at::Tensor weight_t = fan_in_fan_out ? weight : weight.t();  // (K, N)
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
+  at::Tensor S = at::empty({M, r}, x.options().dtype(at::kFloat));
+  const at::Tensor A_t = lora_A.to(at::kFloat).t();  // (K, r)
+  const at::Tensor B_t = lora_B.to(at::kFloat).t();  // (r, N)
+  const Dropout dropout = dropout_of(seed, dropout_p);
+  // (M, ceil(K / 8)) with dropout; empty without, as schema.py says
+  at::Tensor keep_bits = dropout.active ? at::empty({M, keep_bits_per_row(K)}, x.options().dtype(at::kByte))
+                                        : at::empty({0}, x.options().dtype(at::kByte));
+  const bool y_is_float = y.scalar_type() == at::kFloat;
+  for_each_row_chunk(M, [&](int64_t, int64_t row_begin, int64_t row_end) {
+    at::Tensor buffer = at::empty({kBlockRows, K}, x.options().dtype(at::kFloat));
+    std::vector<float> keep(dropout.active ? kBlockRows * K : 0);
+    for (int64_t m0 = row_begin; m0 < row_end; m0 += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, row_end - m0);
+      if (dropout.active) draw_keep(dropout, m0, rows, K, keep_bits, keep.data());
+      const at::Tensor input = lora_input_rows(x, m0, rows, dropout, keep.data(), buffer);
+      at::Tensor S_rows = S.narrow(0, m0, rows);
+      at::mm_out(S_rows, input, A_t);
+      at::Tensor y_rows = y.narrow(0, m0, rows);
+      if (y_is_float) {
+        y_rows.addmm_(S_rows, B_t, 1.0, scaling);
+      } else {
+        y_rows.add_(at::mm(S_rows, B_t), scaling);
+      }
+    }
+  });
+  return {y, S, keep_bits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& S, const at::Tensor& keep_bits, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, bool fan_in_fan_out, bool needs_dx, bool needs_dA,
+    bool needs_dB, bool needs_dbias) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  const int64_t N = dy.size(1);
+  const int64_t r = lora_A.size(0);
+  const at::TensorOptions float_options = x.options().dtype(at::kFloat);
+  const at::Tensor A = lora_A.to(at::kFloat);  // (r, K)
+  const at::Tensor B = lora_B.to(at::kFloat);  // (N, r)
+  const Dropout dropout = dropout_of(seed, dropout_p);
+  TORCH_CHECK(!dropout.active || (keep_bits.dim() == 2 && keep_bits.size(0) == M &&
+                                  keep_bits.size(1) == keep_bits_per_row(K) && keep_bits.is_contiguous()),
+              "fastlora::lora_bwd_cpp: keep_bits must be the forward's (", M, ", ", keep_bits_per_row(K),
+              ") uint8 keep-mask, got ", keep_bits.sizes());
+
+  at::Tensor dx = needs_dx ? at::mm(dy, fan_in_fan_out ? weight.t() : weight) : x.new_empty({0});
+  at::Tensor dbias = needs_dbias ? dy.sum(0) : dy.new_empty({0});
+  const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor dA_parts = needs_dA ? at::zeros({max_chunks, r, K}, float_options) : at::Tensor();
+  at::Tensor dB_parts = needs_dB ? at::zeros({max_chunks, N, r}, float_options) : at::Tensor();
+  const bool dx_is_float = needs_dx && dx.scalar_type() == at::kFloat;
+
+  int64_t chunks = 0;
+  if (needs_dx || needs_dA || needs_dB) {
+    chunks = for_each_row_chunk(M, [&](int64_t chunk, int64_t row_begin, int64_t row_end) {
+      at::Tensor buffer = at::empty({kBlockRows, K}, float_options);
+      std::vector<float> keep(dropout.active ? kBlockRows * K : 0);
+      for (int64_t m0 = row_begin; m0 < row_end; m0 += kBlockRows) {
+        const int64_t rows = std::min(kBlockRows, row_end - m0);
+        const at::Tensor dy_rows = dy.narrow(0, m0, rows).to(at::kFloat);
+        if (needs_dB) dB_parts[chunk].addmm_(dy_rows.t(), S.narrow(0, m0, rows));
+        if (!needs_dx && !needs_dA) continue;
+        const at::Tensor G = at::mm(dy_rows, B);  // (rows, r)
+        if (dropout.active) load_keep(dropout, m0, rows, K, keep_bits, keep.data());
+        if (needs_dA) {
+          dA_parts[chunk].addmm_(G.t(), lora_input_rows(x, m0, rows, dropout, keep.data(), buffer));
+        }
+        if (needs_dx) {
+          at::Tensor dx_rows = dx.narrow(0, m0, rows);
+          if (dx_is_float && !dropout.active) {
+            dx_rows.addmm_(G, A, 1.0, scaling);
+            continue;
+          }
+          const at::Tensor lora_dx = at::mm(G, A);  // (rows, K) float32
+          const float* keep_rows = dropout.active ? keep.data() : nullptr;
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "fastlora_add_lora_dx", [&] {
+            add_masked<scalar_t>(dx_rows, lora_dx, keep_rows, static_cast<float>(scaling));
+          });
+        }
+      }
+    });
+  }
+  at::Tensor dA = lora_A.new_empty({0});
+  at::Tensor dB = lora_B.new_empty({0});
+  if (needs_dA) dA = dA_parts.narrow(0, 0, chunks).sum(0).mul_(scaling).to(lora_A.scalar_type());
+  if (needs_dB) dB = dB_parts.narrow(0, 0, chunks).sum(0).mul_(scaling).to(lora_B.scalar_type());
+  return {dx, dA, dB, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlora, CPU, m) {
+  m.impl("lora_fwd_cpp", &lora_fwd_cpp);
+  m.impl("lora_bwd_cpp", &lora_bwd_cpp);
+}
+
+}  // namespace fastlora

@@ -1,0 +1,82 @@
+"""The C++ CPU backend: its dropout mask equals the Triton kernels' element for element, it is
+built in CI, and it steps aside cleanly (one warning, the PyTorch path) when it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.ops import cpp_ops
+from lora_cases import available_backends, observe_keep_mask
+
+BACKENDS = available_backends("cpu")
+needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not available here")
+
+
+def test_cpp_backend_is_built_in_ci():
+    if not os.environ.get("CI") or os.environ.get("FASTLORA_DISABLE_EXT") == "1":
+        pytest.skip("only CI promises a compiler and ninja")
+    assert cpp_ops.unavailable_reason() is None
+
+
+@needs_cpp
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("shape", [(70, 77), (3, 5, 40), (1, 1), (33, 256)])
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_cpp_mask_equals_triton_mask(shape, dropout_p):
+    masks = {}
+    for backend in ("cpp", "triton"):
+        with fastlora.use_backend(backend):
+            masks[backend] = observe_keep_mask(shape, dropout_p, seed=2024)
+    assert torch.equal(masks["cpp"], masks["triton"])
+    if masks["cpp"].numel() > 1:
+        assert not masks["cpp"].all() and masks["cpp"].any()
+
+
+@needs_cpp
+def test_auto_picks_cpp_on_cpu():
+    from fastlora import _backend
+
+    with fastlora.use_backend("auto"):
+        assert _backend.resolve(torch.device("cpu")) == "cpp"
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (the extension's state is per process)."""
+    environment = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+
+
+CHECK_FALLBACK = """
+import warnings, torch, fastlora
+from fastlora import _backend
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with fastlora.use_backend("auto"):
+        assert _backend.resolve(torch.device("cpu")) == "torch"
+        layer = fastlora.Linear(8, 4, r=2)
+        layer(torch.randn(3, 8)).sum().backward()
+    with fastlora.use_backend("cpp"):
+        try:
+            layer(torch.randn(3, 8))
+        except RuntimeError as error:
+            print("RAISED:", error)
+print("WARNINGS:", len([w for w in caught if "fastlora" in str(w.message)]))
+"""
+
+
+def test_disabled_extension_falls_back_to_torch():
+    result = run_python(CHECK_FALLBACK, FASTLORA_DISABLE_EXT="1", FASTLORA_BACKEND="auto")
+    assert result.returncode == 0, result.stderr
+    assert "RAISED: fastlora backend 'cpp' cannot run" in result.stdout
+    assert "FASTLORA_DISABLE_EXT=1" in result.stdout
+
+
+def test_missing_compiler_warns_once_and_falls_back_to_torch(tmp_path):
+    result = run_python(CHECK_FALLBACK, CXX=str(tmp_path / "no-such-compiler"), XDG_CACHE_HOME=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "RAISED: fastlora backend 'cpp' cannot run: no C++ compiler" in result.stdout
+    assert "WARNINGS: 1" in result.stdout
