@@ -32,6 +32,13 @@ namespace {
 
 constexpr int64_t kBlockRows = 32;
 
+// The kernels' own ATen calls run below autograd and autocast: they compute what the op's
+// contract says, in the dtypes chosen here. The guards are thread-local: set in every worker.
+struct KernelDispatchGuard {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
 struct Dropout {
   bool active;
   uint64_t seed;
@@ -48,15 +55,14 @@ Dropout dropout_of(const std::optional<at::Tensor>& seed, double dropout_p) {
 }
 
 // Runs body(chunk, row_begin, row_end) for at most get_num_threads() chunks of whole
-// kBlockRows blocks covering [0, M), in parallel, below autograd (the kernels' ATen calls
-// must not record or check gradients); returns the number of chunks.
+// kBlockRows blocks covering [0, M), in parallel; returns the number of chunks.
 template <typename Body>
 int64_t for_each_row_chunk(int64_t M, const Body& body) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   const int64_t blocks_per_chunk = (blocks + chunks - 1) / std::max<int64_t>(chunks, 1);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set per worker
+    const KernelDispatchGuard guard;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t row_begin = std::min(M, chunk * blocks_per_chunk * kBlockRows);
       const int64_t row_end = std::min(M, (chunk + 1) * blocks_per_chunk * kBlockRows);
@@ -144,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, bool fan_in_fan_out) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelDispatchGuard guard;
   const int64_t M = x.size(0);
   const int64_t K = x.size(1);
   const int64_t r = lora_A.size(0);
@@ -183,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
     const at::Tensor& lora_B, const at::Tensor& S, const at::Tensor& keep_bits, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, bool fan_in_fan_out, bool needs_dx, bool needs_dA,
     bool needs_dB, bool needs_dbias) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const KernelDispatchGuard guard;
   const int64_t M = x.size(0);
   const int64_t K = x.size(1);
   const int64_t N = dy.size(1);
