@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -79,8 +79,9 @@ def mode_function(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
     return backward
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward beyond x and the module's parameters."""
+def saved_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd saves for backward while ``forward()`` runs, beyond the tensors ``alive``
+    anyway (the input, the parameters), counting each storage once."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -89,20 +90,21 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    for t in [x, *module.parameters()]:
+        forward()
+    for t in alive:
         storages.pop(t.untyped_storage().data_ptr(), None)
     return sum(storages.values())
 
 
-def peak_memory_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
-    """CUDA: peak bytes allocated by one forward + backward above what was allocated before."""
-    if x.device.type != "cuda":
+def peak_memory_bytes(run: Callable[[], object], device: str) -> float:
+    """CUDA: peak bytes allocated while ``run()`` executes above what was allocated before;
+    NaN on CPU."""
+    if device != "cuda":
         return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    module(x).backward(dy)
+    run()
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated() - before)
 

@@ -127,8 +127,8 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
     for name in providers:
         module = build(name, weights, shape.dropout)
         error = None if name == "base" else harness.check_against_reference(module, reference, x, dy)
-        saved = harness.saved_bytes(module, x)
-        peak = harness.peak_memory_bytes(module, x, dy)
+        saved = harness.saved_bytes(lambda: module(x), [x, *module.parameters()])
+        peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), device)
         for mode in modes:
             row = {"provider": name, "mode": mode, "saved_bytes": saved, "peak_mem_bytes": peak}
             if error is not None:

@@ -5,10 +5,12 @@
 // Shapes: x (M, K) with any strides; weight (N, K), or (K, N) with fan_in_fan_out; bias (N,);
 // A (r, K); B (N, r); S (M, r) float32; y, dy (M, N).
 //
-// Forward:  y = x W^T + b (one ATen GEMM), then per block of rows, in float32:
-//           S = drop(x) A^T and y += s * S B^T, added in place into y.
-// Backward: dx = dy W (one ATen GEMM), then per block of rows, in float32: G = dy B,
-//           dB += s dy^T S, dA += s G^T drop(x), dx += s (G A) * keep / (1 - p).
+// Forward:  per block of rows, in float32: S = drop(x) A^T and y = b + s * S B^T (written
+//           into y); then y += x W^T, one ATen GEMM accumulating onto y (beta = 1).
+// Backward: per block of rows, in float32: G = dy B, dB += s dy^T S, dA += s G^T drop(x),
+//           dx = s (G A) * keep / (1 - p) (written into dx); then dx += dy W, one GEMM.
+// Writing the rank-r terms first lets the big GEMM fold them in as it writes its output: no
+// extra pass over y or dx, and no M x N temporary besides y.
 // drop(x) = x * keep / (1 - p). The forward draws the keep-mask from the seed (philox.h, the
 // same numbers as the Triton kernels) and returns it as bits (M x K / 8 bytes) for the
 // backward; inside a block it is expanded to multipliers keep / (1 - p). The low-rank terms run in float32 whatever x's dtype, and the
@@ -131,17 +133,26 @@ at::Tensor lora_input_rows(const at::Tensor& x, int64_t m0, int64_t rows, const 
   return out;
 }
 
-// target (rows, K), contiguous, += scale * update (* keep, when not null), rounding once.
+// out (rows, cols), contiguous, = scale * low_rank (* keep) (+ bias), rounded once to out's
+// dtype: the rank-r term written first, so that the big GEMM then accumulates onto it.
+// bias (cols,) and keep (rows, cols) may be null.
 template <typename scalar_t>
-void add_masked(at::Tensor& target, const at::Tensor& update, const float* keep, float scale) {
-  scalar_t* out = target.data_ptr<scalar_t>();
-  const float* in = update.data_ptr<float>();
-  const int64_t count = target.numel();
-  if (keep == nullptr) {
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + scale * in[i]);
-  } else {
-    for (int64_t i = 0; i < count; ++i) {
-      out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + scale * in[i] * keep[i]);
+void store_low_rank(at::Tensor& out, const at::Tensor& low_rank, float scale, const scalar_t* bias,
+                    const float* keep) {
+  scalar_t* target = out.data_ptr<scalar_t>();
+  const float* term = low_rank.data_ptr<float>();
+  const int64_t rows = out.size(0);
+  const int64_t cols = out.size(1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = i * cols;
+    if (keep != nullptr) {
+      for (int64_t j = 0; j < cols; ++j) target[row + j] = static_cast<scalar_t>(scale * term[row + j] * keep[row + j]);
+    } else if (bias != nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        target[row + j] = static_cast<scalar_t>(scale * term[row + j] + static_cast<float>(bias[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) target[row + j] = static_cast<scalar_t>(scale * term[row + j]);
     }
   }
 }
@@ -154,8 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
   const int64_t M = x.size(0);
   const int64_t K = x.size(1);
   const int64_t r = lora_A.size(0);
+  const int64_t N = lora_B.size(0);
   const at::Tensor weight_t = fan_in_fan_out ? weight : weight.t();  // (K, N)
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
+  at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor S = at::empty({M, r}, x.options().dtype(at::kFloat));
   const at::Tensor A_t = lora_A.to(at::kFloat).t();  // (K, r)
   const at::Tensor B_t = lora_B.to(at::kFloat).t();  // (r, N)
@@ -163,7 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
   // (M, ceil(K / 8)) with dropout; empty without, as schema.py says
   at::Tensor keep_bits = dropout.active ? at::empty({M, keep_bits_per_row(K)}, x.options().dtype(at::kByte))
                                         : at::empty({0}, x.options().dtype(at::kByte));
-  const bool y_is_float = y.scalar_type() == at::kFloat;
   for_each_row_chunk(M, [&](int64_t, int64_t row_begin, int64_t row_end) {
     at::Tensor buffer = at::empty({kBlockRows, K}, x.options().dtype(at::kFloat));
     std::vector<float> keep(dropout.active ? kBlockRows * K : 0);
@@ -174,13 +185,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
       at::Tensor S_rows = S.narrow(0, m0, rows);
       at::mm_out(S_rows, input, A_t);
       at::Tensor y_rows = y.narrow(0, m0, rows);
-      if (y_is_float) {
-        y_rows.addmm_(S_rows, B_t, 1.0, scaling);
-      } else {
-        y_rows.add_(at::mm(S_rows, B_t), scaling);
-      }
+      const at::Tensor low_rank = at::mm(S_rows, B_t);  // (rows, N) float32
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastlora_store_y", [&] {
+        const scalar_t* bias_values = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+        store_low_rank<scalar_t>(y_rows, low_rank, static_cast<float>(scaling), bias_values, nullptr);
+      });
     }
   });
+  if (M > 0) y.addmm_(x, weight_t);  // y += x W^T, one GEMM over all rows
   return {y, S, keep_bits};
 }
 
@@ -203,12 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
               "fastlora::lora_bwd_cpp: keep_bits must be the forward's (", M, ", ", keep_bits_per_row(K),
               ") uint8 keep-mask, got ", keep_bits.sizes());
 
-  at::Tensor dx = needs_dx ? at::mm(dy, fan_in_fan_out ? weight.t() : weight) : x.new_empty({0});
+  at::Tensor dx = needs_dx ? at::empty({M, K}, x.options()) : x.new_empty({0});
   at::Tensor dbias = needs_dbias ? dy.sum(0) : dy.new_empty({0});
   const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
   at::Tensor dA_parts = needs_dA ? at::zeros({max_chunks, r, K}, float_options) : at::Tensor();
   at::Tensor dB_parts = needs_dB ? at::zeros({max_chunks, N, r}, float_options) : at::Tensor();
-  const bool dx_is_float = needs_dx && dx.scalar_type() == at::kFloat;
 
   int64_t chunks = 0;
   if (needs_dx || needs_dA || needs_dB) {
@@ -227,19 +238,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
         }
         if (needs_dx) {
           at::Tensor dx_rows = dx.narrow(0, m0, rows);
-          if (dx_is_float && !dropout.active) {
-            dx_rows.addmm_(G, A, 1.0, scaling);
-            continue;
-          }
-          const at::Tensor lora_dx = at::mm(G, A);  // (rows, K) float32
+          const at::Tensor low_rank = at::mm(G, A);  // (rows, K) float32
           const float* keep_rows = dropout.active ? keep.data() : nullptr;
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "fastlora_add_lora_dx", [&] {
-            add_masked<scalar_t>(dx_rows, lora_dx, keep_rows, static_cast<float>(scaling));
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "fastlora_store_dx", [&] {
+            store_low_rank<scalar_t>(dx_rows, low_rank, static_cast<float>(scaling), nullptr, keep_rows);
           });
         }
       }
     });
   }
+  if (needs_dx && M > 0) dx.addmm_(dy, fan_in_fan_out ? weight.t() : weight);  // dx += dy W, one GEMM
   at::Tensor dA = lora_A.new_empty({0});
   at::Tensor dB = lora_B.new_empty({0});
   if (needs_dA) dA = dA_parts.narrow(0, 0, chunks).sum(0).mul_(scaling).to(lora_A.scalar_type());
