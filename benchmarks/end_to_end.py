@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import datetime
 import math
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import harness
-from benchmarks.run import RESULTS, device_name, git_sha, triton_version
+from benchmarks.run import RESULTS, append_csv, device_name, git_sha, triton_version
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ("frozen", "peft", "fastlora")
@@ -191,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{**row, **meta} for row in run_setup(setup, dropout, device, dtype, 0.5 if args.quick else 2.0)]
     print(format_table(rows))
     csv_path = args.csv or RESULTS / f"{name}-end-to-end.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows({c: row.get(c, "") for c in COLUMNS} for row in rows)
+    append_csv(csv_path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {csv_path}")
     return 0
 

@@ -174,15 +174,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def append_csv(path: pathlib.Path, rows: list[dict]) -> None:
+def append_csv(path: pathlib.Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+    """Append rows (missing columns left empty), writing the header when the file is new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+            writer.writerow({c: row.get(c, "") for c in columns})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import fastlora
-from tiny_models import TARGETS, batch, lora_grads, peft_model, tiny_llama
+from tiny_models import TARGETS, batch, init_lora_B, lora_grads, peft_model, tiny_llama
 
 
 def fastlora_twin(peft_twin, tmp_path) -> torch.nn.Module:
@@ -19,14 +19,7 @@ def fastlora_twin(peft_twin, tmp_path) -> torch.nn.Module:
 
 
 def injected_llama(lora_dropout: float = 0.0) -> torch.nn.Module:
-    model = tiny_llama()
-    fastlora.inject(model, TARGETS, r=4, lora_alpha=8, lora_dropout=lora_dropout)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    return model
+    return init_lora_B(fastlora.inject(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=lora_dropout))
 
 
 def sequences(count: int, seed: int = 3) -> torch.Tensor:

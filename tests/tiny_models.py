@@ -22,7 +22,11 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
 def peft_model(base: nn.Module, targets, **kw) -> nn.Module:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, **kw)
-    model = peft.get_peft_model(base, config)
+    return init_lora_B(peft.get_peft_model(base, config))
+
+
+def init_lora_B(model: nn.Module) -> nn.Module:
+    """Nonzero lora_B (zeros at init would hide the adapters' effect), the same on every run."""
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

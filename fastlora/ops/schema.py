@@ -20,6 +20,8 @@ on a CPU); an empty uint8 tensor for the backends that regenerate the mask from 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FORWARD_SCHEMA = (
@@ -55,25 +57,11 @@ def fake_forward(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
+    keeps_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = x.new_empty((x.shape[0], lora_B.shape[0]))
     S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-    return y, S, no_keep_bits(x)
-
-
-def fake_forward_keeping_mask(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    fan_in_fan_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, S, _ = fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
-    return y, S, keep_bits_for(x, dropout_p, seed)
+    return y, S, keep_bits_for(x, dropout_p, seed) if keeps_mask else no_keep_bits(x)
 
 
 def empty_gradient(like: torch.Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -114,7 +102,7 @@ def define_ops(backend: str, keeps_mask: bool = False) -> None:
     ``keeps_mask``: the backend's forward returns the keep-mask as bits (see keep_bits above).
     """
     for kind, schema, fake in (
-        ("fwd", FORWARD_SCHEMA, fake_forward_keeping_mask if keeps_mask else fake_forward),
+        ("fwd", FORWARD_SCHEMA, functools.partial(fake_forward, keeps_mask=keeps_mask)),
         ("bwd", BACKWARD_SCHEMA, fake_backward),
     ):
         name = f"fastlora::lora_{kind}_{backend}"
