@@ -28,6 +28,9 @@ CASES = [
     Case(M=7, K=18, N=25, r=16, dropout_p=0.5, batch=3, fan_in_fan_out=True),
     Case(M=23, K=40, N=9, r=1, dropout_p=0.3, strided=True, bias=False),
     Case(M=0, K=17, N=11, r=4, dropout_p=0.2),
+    # several row blocks and threads on the cpp backend; K = 45: a vector step plus a tail
+    Case(M=150, K=45, N=37, r=8, dropout_p=0.2),
+    Case(M=97, K=8, N=5, r=2, dropout_p=0.1, strided=True, fan_in_fan_out=True),
 ]
 HALF_CASES = [
     Case(M=37, K=19, N=23, r=4, dtype=torch.float16),
@@ -35,6 +38,8 @@ HALF_CASES = [
     Case(M=17, K=24, N=40, r=32, dtype=torch.float16, fan_in_fan_out=True, strided=True),
     Case(M=17, K=24, N=40, r=8, dtype=torch.float16, adapter_dtype=torch.float32, dropout_p=0.2),
     Case(M=11, K=40, N=24, r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32, bias=False),
+    Case(M=48, K=40, N=33, r=16, dtype=torch.bfloat16, dropout_p=0.1, batch=2),
+    Case(M=37, K=19, N=23, r=4, dtype=torch.bfloat16, fan_in_fan_out=True, strided=True),
 ]
 
 
