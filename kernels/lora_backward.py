@@ -10,7 +10,7 @@ import triton.language as tl
 
 from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
-from fastlora.kernels.tiling import grouped_tile
+from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
 @triton.autotune(
@@ -53,23 +53,14 @@ def lora_grad_output_kernel(
     mask_r = offs_r < R
     adapter_dtype = b_ptr.dtype.element_ty
     if NEEDS_DB:
-        s = tl.load(
-            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        ).to(adapter_dtype)
+        s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r).to(adapter_dtype)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )
+        dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
         if NEEDS_G:
-            b = tl.load(
-                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=mask_n[:, None] & mask_r[None, :], other=0.0,
-            )
+            b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, mask_n, mask_r)
             g = tl.dot(dy.to(adapter_dtype), b, g, input_precision=ADAPTER_PRECISION)
         if NEEDS_DB:
             db = tl.dot(tl.trans(dy.to(adapter_dtype)), s, input_precision=ADAPTER_PRECISION)
@@ -80,10 +71,7 @@ def lora_grad_output_kernel(
         if NEEDS_DBIAS:
             tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n)
     if NEEDS_G:
-        tl.store(
-            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-            g, mask=mask_m[:, None] & mask_r[None, :],
-        )
+        store_tile(g_ptr, g, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
@@ -130,34 +118,19 @@ def lora_grad_input_kernel(
     for n0 in range(0, N, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=mask_n[:, None] & mask_k[None, :], other=0.0,
-        )
+        dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
+        w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, mask_n, mask_k)
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
 
-    g = tl.load(
-        g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-    )
-    a = tl.load(
-        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-        mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-    )
+    g = load_tile(g_ptr, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
+    a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, mask_r, mask_k)
     lora = scaling * tl.dot(g.to(a.dtype), a, input_precision=ADAPTER_PRECISION)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
         lora = tl.where(keep, lora * (1.0 / (1.0 - dropout_p)), 0.0)
     acc += lora
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :],
-    )
+    store_tile(dx_ptr, acc.to(dx_ptr.dtype.element_ty), offs_m, offs_k, stride_dxm, stride_dxk, mask_m, mask_k)
 
 
 @triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
@@ -197,20 +170,11 @@ def lora_grad_a_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        g_t = tl.load(
-            g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
-            mask=mask_r[:, None] & mask_m[None, :], other=0.0,
-        )
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
+        g_t = load_tile(g_ptr, offs_r, offs_m, stride_gr, stride_gm, mask_r, mask_m)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
         acc = tl.dot(g_t.to(adapter_dtype), x.to(adapter_dtype), acc, input_precision=ADAPTER_PRECISION)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    tl.store(
-        da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-        (acc * scaling).to(adapter_dtype), mask=mask_r[:, None] & mask_k[None, :],
-    )
+    store_tile(da_ptr, (acc * scaling).to(adapter_dtype), offs_r, offs_k, stride_dar, stride_dak, mask_r, mask_k)

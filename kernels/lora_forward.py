@@ -11,7 +11,7 @@ import triton.language as tl
 
 from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
-from fastlora.kernels.tiling import grouped_tile
+from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
 @triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
@@ -50,23 +50,14 @@ def lora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
-        a_t = tl.load(
-            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=mask_k[:, None] & mask_r[None, :], other=0.0,
-        )
+        a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
         acc = tl.dot(x.to(a_t.dtype), a_t, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    tl.store(
-        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-        acc, mask=mask_m[:, None] & mask_r[None, :],
-    )
+    store_tile(s_ptr, acc, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
@@ -112,30 +103,15 @@ def lora_forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
-        w_t = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-        )
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+        w_t = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n)
         acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
 
-    s = tl.load(
-        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-    )
-    b_t = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-    )
+    s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
+    b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
     lora = tl.dot(s.to(b_t.dtype), b_t, input_precision=ADAPTER_PRECISION)
     acc += scaling * lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
-    )
+    store_tile(y_ptr, acc.to(y_ptr.dtype.element_ty), offs_m, offs_n, stride_ym, stride_yn, mask_m, mask_n)
