@@ -62,7 +62,7 @@ template <typename Body>
 int64_t for_each_row_chunk(int64_t M, const Body& body) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  const int64_t blocks_per_chunk = (blocks + chunks - 1) / std::max<int64_t>(chunks, 1);
+  const int64_t blocks_per_chunk = (blocks + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const KernelDispatchGuard guard;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -78,23 +78,23 @@ int64_t for_each_row_chunk(int64_t M, const Body& body) {
 // multipliers keep (rows, K) for a block of rows: 1 / (1 - p) where kept, 0 where dropped.
 int64_t keep_bits_per_row(int64_t K) { return (K + 7) / 8; }
 
-// Draws the bits of rows [m0, m0 + rows) into keep_bits and expands them into keep.
-void draw_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, at::Tensor& keep_bits, float* keep) {
-  const int64_t row_bytes = keep_bits_per_row(K);
-  uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
-  for (int64_t i = 0; i < rows; ++i) {
-    philox_keep_bits(dropout.seed, (m0 + i) * K, K, dropout.p, bits + i * row_bytes);
-    expand_keep_bits(bits + i * row_bytes, K, dropout.inv_keep, keep + i * K);
-  }
-}
-
-// Expands the forward's bits of rows [m0, m0 + rows) into keep.
+// Expands the bits of rows [m0, m0 + rows) into keep.
 void load_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, const at::Tensor& keep_bits, float* keep) {
   const int64_t row_bytes = keep_bits_per_row(K);
   const uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
   for (int64_t i = 0; i < rows; ++i) {
     expand_keep_bits(bits + i * row_bytes, K, dropout.inv_keep, keep + i * K);
   }
+}
+
+// Draws the bits of rows [m0, m0 + rows) into keep_bits (the forward), then expands them.
+void draw_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, at::Tensor& keep_bits, float* keep) {
+  const int64_t row_bytes = keep_bits_per_row(K);
+  uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
+  for (int64_t i = 0; i < rows; ++i) {
+    philox_keep_bits(dropout.seed, (m0 + i) * K, K, dropout.p, bits + i * row_bytes);
+  }
+  load_keep(dropout, m0, rows, K, keep_bits, keep);
 }
 
 // out (rows, K) float32 = x[m0:m0+rows] * keep, or x cast to float32 when keep is null.

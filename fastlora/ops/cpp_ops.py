@@ -22,14 +22,17 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.utils.cpp_extension
 
 from fastlora.ops.schema import define_ops
 
 define_ops("cpp", keeps_mask=True)
 
 SOURCES = ("lora_cpu.cpp", "philox.cpp")
-_UNTRIED = "not tried"
-_state = {"reason": _UNTRIED}
+_NOT_TRIED = "not tried yet"
+# the build's outcome, kept in a plain dict rather than functools.cache: torch.compile traces
+# through a cache wrapper into the build itself, but reads a dict entry as a constant
+_state = {"reason": _NOT_TRIED}
 
 
 def source_dir() -> Path:
@@ -57,12 +60,16 @@ def _missing_tool() -> str | None:
 
 
 def _build_and_load() -> str | None:
-    """Compile (or find cached) and load the library; the reason it failed, or None."""
-    import torch.utils.cpp_extension
+    """Compile (or find cached) and load the library; the reason it failed (after one
+    warning), or None."""
+    reason = _missing_tool() or _compile_and_load()
+    if reason is not None:
+        warnings.warn(f"fastlora: {reason}; using the PyTorch path on CPU", RuntimeWarning, stacklevel=3)
+    return reason
 
-    missing = _missing_tool()
-    if missing is not None:
-        return missing
+
+def _compile_and_load() -> str | None:
+    """torch.utils.cpp_extension.load of csrc/ into build_dir(); why it failed, or None."""
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
@@ -88,10 +95,8 @@ def unavailable_reason() -> str | None:
     """Why the C++ backend cannot run, or None when its library is loaded (builds it once)."""
     if os.environ.get("FASTLORA_DISABLE_EXT", "0") == "1":
         return "the C++ extension is disabled by FASTLORA_DISABLE_EXT=1"
-    if _state["reason"] == _UNTRIED:
+    if _state["reason"] == _NOT_TRIED:
         _state["reason"] = _build_and_load()
-        if _state["reason"] is not None:
-            warnings.warn(f"fastlora: {_state['reason']}; using the PyTorch path on CPU", RuntimeWarning, stacklevel=2)
     return _state["reason"]
 
 
