@@ -34,7 +34,6 @@ from benchmarks import harness
 from benchmarks.run import RESULTS, append_csv, device_name, git_sha, triton_version
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROVIDERS = ("frozen", "peft", "fastlora")
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "hidden", "intermediate",
     "layers", "batch", "seq_len", "r", "dropout", "status", "median_ms", "p20_ms", "p80_ms",
