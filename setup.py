@@ -1,5 +1,10 @@
 from setuptools import setup
 
+# The versions fastlora is tested on: torch 2.11 + Triton 3.6 (the GPU image) and the newest
+# releases (CI); tests/test_packaging.py checks that the installed ones lie in these ranges.
+TORCH = "torch>=2.11"
+TRITON = "triton>=3.6; platform_system == 'Linux'"
+
 setup(
     name="fastlora",
     version="0.1.0",
@@ -9,10 +14,10 @@ setup(
     package_dir={"fastlora.kernels": "kernels", "fastlora.csrc": "csrc"},
     package_data={"fastlora.csrc": ["*.cpp", "*.h"]},
     install_requires=[
-        "torch>=2.5",
+        TORCH,
         "numpy",
         "safetensors",
-        "triton>=3.2; platform_system == 'Linux'",
+        TRITON,
     ],
     extras_require={
         "dev": [
@@ -26,6 +31,7 @@ setup(
             "matplotlib",
             "tqdm",
             "ninja",
+            "packaging",
         ],
     },
 )

@@ -24,6 +24,10 @@ BACKENDS = ("auto", "triton", "torch", "cpp")
 
 _stack: list[str] = []
 
+# Looked up once, at import: ``importlib.util.find_spec`` in the per-call path breaks a
+# torch.compile(fullgraph=True) graph on torch 2.11.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
@@ -57,13 +61,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_reason(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on ``device``, or None when it can."""
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return "the triton package is not installed"
     if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
         return None
