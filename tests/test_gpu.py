@@ -79,3 +79,18 @@ def test_cuda_graph_captures_a_training_step():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_host_device_sync_per_call(backend):
+    """A forward + backward with dropout never waits for the GPU (sync debug mode raises)."""
+    layer = fastlora.Linear(256, 384, r=16, lora_dropout=0.1).cuda().to(torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fastlora.use_backend(backend):
+        layer(x).sum().backward()  # first call: compiles and picks configs, may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

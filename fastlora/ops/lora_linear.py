@@ -189,7 +189,10 @@ def lora_linear(
     backend = _backend.resolve(x.device)
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
+        # the torch backend seeds a torch.Generator, which takes a Python int: its seed is drawn
+        # on the CPU, where reading it never waits for the GPU; the kernels read theirs on x's device
+        seed_device = torch.device("cpu") if backend == "torch" else x.device
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=seed_device)
     x2d = _flatten_rows(x)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(

@@ -16,7 +16,10 @@ define_ops("torch")
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The boolean keep-mask (rows, cols) of the torch backend for ``seed``: P(keep) = 1 - p."""
+    """The boolean keep-mask (rows, cols) of the torch backend for ``seed``: P(keep) = 1 - p.
+
+    ``seed`` is a CPU tensor (lora_linear draws it there), so reading it never syncs with a GPU.
+    """
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed.item()))
     return torch.rand((rows, cols), generator=generator, device=device) >= dropout_p
