@@ -1,8 +1,10 @@
-"""Autotuning configs for fastlora's kernels.
+"""Launch configs for fastlora's kernels: a short ordered list per kernel and shape class.
 
-Under TRITON_INTERPRET=1 every factory returns one small config, so the autotuner never
-times the numpy interpreter. On a GPU the lists are sized for the H100 (132 SMs, 228 KB of
-shared memory per SM); ``prune_for_rank`` drops tiles whose rank-r epilogue would not fit.
+The launcher (fastlora/ops/launcher.py) tries them in order and keeps the first that runs
+(or, with FASTLORA_AUTOTUNE=1, the fastest). Each list starts with the config measured best
+on an H100 (../shared/gpu: 128x256x64, 8 warps, 3 stages for large GEMMs) and ends with a
+small config that fits the shared memory of any supported GPU. Under TRITON_INTERPRET=1
+every factory returns one small config, so nothing is tried twice on the CPU.
 """
 
 import os
@@ -14,41 +16,67 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _config(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
+def _config(BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int,
+            GROUP_M: int | None = None) -> triton.Config:
+    """A config; GROUP_M (the GEMMs' tile order) only for the GEMM kernels."""
+    blocks = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+    if GROUP_M is not None:
+        blocks["GROUP_M"] = GROUP_M
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def gemm_configs() -> list[triton.Config]:
-    """Tiles for the (M x N, reduce over K) GEMMs with a rank-r epilogue (forward y, backward dx)."""
+# fits every GPU fastlora runs on, in any dtype: 2 x (32 + 32) x 32 x 4 bytes + the output tile
+_SAFE_GEMM = _config(32, 32, 32, num_warps=4, num_stages=2, GROUP_M=1)
+_SAFE_RANK = _config(16, 32, 32, num_warps=4, num_stages=1)
+
+
+def gemm_configs(M: int) -> list[triton.Config]:
+    """Tiles for the (M x N, reduce over K) GEMMs with a rank-r epilogue (forward y, backward dx).
+
+    M <= 64 (decode): one rule, thin row tiles and many column tiles so that every SM streams W.
+    """
     if interpreting():
-        return [_config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_stages=1)]
+        return [_config(16, 32, 32, num_warps=4, num_stages=1, GROUP_M=4)]
+    if M <= 16:
+        return [_config(16, 32, 256, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
+    if M <= 64:
+        return [_config(64, 64, 128, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
+    if M <= 512:
+        return [
+            _config(64, 128, 64, num_warps=4, num_stages=4),
+            _config(128, 128, 64, num_warps=8, num_stages=3),
+            _config(64, 64, 64, num_warps=4, num_stages=4),
+            _SAFE_GEMM,
+        ]
     return [
-        _config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        _config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        _config(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _config(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-        _config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3),
+        _config(128, 256, 64, num_warps=8, num_stages=3),
+        _config(256, 128, 64, num_warps=8, num_stages=3),
+        _config(128, 128, 64, num_warps=8, num_stages=4),
+        _SAFE_GEMM,
     ]
 
 
-def rank_configs() -> list[triton.Config]:
-    """Tiles for the thin rank-r kernels (S = drop(x) A^T, G = dy B with dB, dA = G^T drop(x))."""
+def rank_configs(M: int) -> list[triton.Config]:
+    """Tiles for the thin rank-r passes (S = drop(x) A^T, G = dy B with dB, dA = G^T drop(x)).
+
+    Memory-bound: one rule per M class, no tuning; the small config is the fallback.
+    """
     if interpreting():
-        return [_config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1)]
+        return [_config(16, 32, 32, num_warps=4, num_stages=1)]
+    if M <= 64:
+        return [_config(16, 128, 128, num_warps=4, num_stages=2), _SAFE_RANK]
     return [
-        _config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
-        _config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _config(BLOCK_M=32, BLOCK_N=256, BLOCK_K=256, num_warps=4, num_stages=3),
-        _config(BLOCK_M=16, BLOCK_N=256, BLOCK_K=256, num_warps=4, num_stages=2),
+        _config(64, 128, 128, num_warps=4, num_stages=3),
+        _config(32, 64, 64, num_warps=4, num_stages=2),
+        _SAFE_RANK,
     ]
 
 
-def prune_for_rank(configs, named_args, **kwargs):
-    """Keep configs whose fp32 rank-r tiles (BLOCK_M x R_PAD and BLOCK_N x R_PAD) stay small."""
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    limit = 128 * 64
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * r_pad <= limit and c.kwargs.get("BLOCK_N", 0) * r_pad <= 2 * limit]
-    return kept or configs[-1:]
+def estimated_shared_bytes(config: triton.Config, element_bytes: int) -> int:
+    """Shared memory a config needs, estimated: its pipelined input tiles plus one output tile.
+
+    Checked against the H100 (../shared/gpu): 128x256x64 bf16 at 4 stages needed 262176
+    bytes, this gives 4 x 384 x 64 x 2 + 128 x 256 x 2 = 262144.
+    """
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (m + n) * k * element_bytes + m * n * element_bytes

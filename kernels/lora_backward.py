@@ -8,16 +8,11 @@ and dbias (N,) accumulated in float32 buffers.
 import triton
 import triton.language as tl
 
-from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
-@triton.autotune(
-    configs=rank_configs(), key=["M", "N", "R_PAD"], reset_to_zero=["db_ptr", "dbias_ptr"],
-    prune_configs_by={"early_config_prune": prune_for_rank},
-)
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def lora_grad_output_kernel(
     # pointers
     dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
@@ -74,8 +69,7 @@ def lora_grad_output_kernel(
         store_tile(g_ptr, g, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def lora_grad_input_kernel(
     # pointers
     dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, seed_ptr,
@@ -133,8 +127,7 @@ def lora_grad_input_kernel(
     store_tile(dx_ptr, acc.to(dx_ptr.dtype.element_ty), offs_m, offs_k, stride_dxm, stride_dxk, mask_m, mask_k)
 
 
-@triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def lora_grad_a_kernel(
     # pointers
     g_ptr, x_ptr, da_ptr, seed_ptr,

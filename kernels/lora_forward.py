@@ -9,13 +9,11 @@ masked loads, never copies of A or B.
 import triton
 import triton.language as tl
 
-from fastlora.kernels.configs import gemm_configs, prune_for_rank, rank_configs
 from fastlora.kernels.dropout import dropout_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
-@triton.autotune(configs=rank_configs(), key=["M", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def lora_shrink_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr, seed_ptr,
@@ -60,8 +58,7 @@ def lora_shrink_kernel(
     store_tile(s_ptr, acc, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R_PAD"], prune_configs_by={"early_config_prune": prune_for_rank})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def lora_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,

@@ -83,9 +83,21 @@ def validate(
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _ops(backend: str) -> tuple[object, object]:
+def _ops(backend: str, x: torch.Tensor) -> tuple[object, object]:
+    """The backend's forward and backward: the registered ``torch.library`` ops while
+    torch.compile (or any tracer) sees them, the same Python functions called directly in
+    eager mode, where a round trip through the dispatcher only costs host time."""
+    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling()
     if backend == "triton":
-        from fastlora.ops import triton_ops  # noqa: F401  (registers the ops)
+        from fastlora.ops import triton_ops
+
+        if eager:
+            return triton_ops.forward, triton_ops.backward
+    elif backend == "torch":
+        from fastlora.ops import torch_ops
+
+        if eager:
+            return torch_ops.forward, torch_ops.backward
     elif backend == "cpp":
         from fastlora.ops import cpp_ops
 
@@ -117,7 +129,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
-        forward_op, _ = _ops(backend)
+        forward_op, _ = _ops(backend, x)
         y, S, keep_bits = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed)
         ctx.scaling = scaling
@@ -132,7 +144,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
         needs_dbias = needs_dbias and ctx.has_bias
-        _, backward_op = _ops(ctx.backend)
+        _, backward_op = _ops(ctx.backend, dy)
         dx, dA, dB, dbias = backward_op(
             dy, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
             needs_dx, needs_dA, needs_dB, needs_dbias,

@@ -36,8 +36,7 @@ def _masked_input(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
     return x.to(dtype) if mask is None else x.mul(mask).to(dtype)
 
 
-@torch.library.impl("fastlora::lora_fwd_torch", "CompositeExplicitAutograd")
-def lora_fwd_torch(
+def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -62,8 +61,7 @@ def lora_fwd_torch(
     return y, S.float(), no_keep_bits(x)
 
 
-@torch.library.impl("fastlora::lora_bwd_torch", "CompositeExplicitAutograd")
-def lora_bwd_torch(
+def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,3 +108,7 @@ def lora_bwd_torch(
     if needs_dbias:
         dbias = dy.sum(0)
     return dx, dA, dB, dbias
+
+
+torch.library.impl("fastlora::lora_fwd_torch", "CompositeExplicitAutograd")(forward)
+torch.library.impl("fastlora::lora_bwd_torch", "CompositeExplicitAutograd")(backward)

@@ -1,19 +1,24 @@
 """The ``triton`` backend: launchers for the kernels in ``fastlora.kernels``.
 
-Registered with ``torch.library.triton_op`` as ``fastlora::lora_fwd_triton`` and
-``fastlora::lora_bwd_triton`` (the schema of ``schema.py``), so ``torch.compile`` traces
-into the kernels. Saved for backward: S (M x r, float32) and the seed; nothing else of size
-M x K (x itself is the caller's) and nothing of size M x N.
+``forward`` and ``backward`` are registered with ``torch.library.triton_op`` as
+``fastlora::lora_fwd_triton`` and ``fastlora::lora_bwd_triton`` (the schema of ``schema.py``),
+so ``torch.compile`` traces into the kernels; eager calls run the same Python functions
+directly (no dispatcher round trip). Every kernel goes through ``launcher.launch``: one config
+per kernel and shape class (bucketed M), configs that do not fit dropped at run time.
+Saved for backward: S (M x r, float32) and the seed; nothing else of size M x K (x itself is
+the caller's) and nothing of size M x N.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from fastlora.kernels.configs import gemm_configs, rank_configs
 from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
 from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
+from fastlora.ops.launcher import launch, m_bucket
 from fastlora.ops.schema import no_keep_bits
 
 
@@ -34,8 +39,17 @@ def weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int
     return weight.stride(0), weight.stride(1)
 
 
-@triton_op("fastlora::lora_fwd_triton", mutates_args=())
-def lora_fwd_triton(
+def shape_key(name: str, M: int, N: int, K: int, r_pad: int, *tensors: torch.Tensor, **flags) -> tuple:
+    """A launch key: the kernel, the device, the M bucket, the other sizes, the dtypes, the flags."""
+    return (name, tensors[0].device, m_bucket(M), N, K, r_pad, *(t.dtype for t in tensors), *sorted(flags.items()))
+
+
+def describer(M: int, N: int, K: int, R: int, **tensors: torch.Tensor):
+    """A function describing the call for launcher errors (built only when one is raised)."""
+    return lambda: f"M={M}, N={N}, K={K}, r={R}, " + ", ".join(f"{n} {t.dtype}" for n, t in tensors.items())
+
+
+def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -54,35 +68,41 @@ def lora_fwd_triton(
         return y, S, no_keep_bits(x)
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
-    seed_arg = seed if has_dropout else S
-    wrap_triton(lora_shrink_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-        x, lora_A, S, seed_arg,
-        M, K, R,
-        x.stride(0), x.stride(1),
-        lora_A.stride(0), lora_A.stride(1),
-        S.stride(0), S.stride(1),
-        dropout_p,
-        HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype),
+    describe = describer(M, N, K, R, x=x, lora_A=lora_A)
+    shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
+    launch(
+        lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
+        (x, lora_A, S, seed if has_dropout else S,
+         M, K, R,
+         x.stride(0), x.stride(1),
+         lora_A.stride(0), lora_A.stride(1),
+         S.stride(0), S.stride(1),
+         dropout_p),
+        shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
+        rank_configs(M), describe,
     )
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(lora_forward_kernel)[grid](
-        x, weight, bias if bias is not None else y, S, lora_B, y,
-        M, N, K, R,
-        x.stride(0), x.stride(1),
-        stride_wn, stride_wk,
-        S.stride(0), S.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
-        y.stride(0), y.stride(1),
-        scaling,
+    forward_meta = dict(
         HAS_BIAS=bias is not None, R_PAD=r_pad,
         INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_B.dtype),
+    )
+    launch(
+        lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
+        (x, weight, bias if bias is not None else y, S, lora_B, y,
+         M, N, K, R,
+         x.stride(0), x.stride(1),
+         stride_wn, stride_wk,
+         S.stride(0), S.stride(1),
+         lora_B.stride(0), lora_B.stride(1),
+         y.stride(0), y.stride(1),
+         scaling),
+        forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
+        gemm_configs(M), describe, tunable=True,
     )
     return y, S, no_keep_bits(x)
 
 
-@triton_op("fastlora::lora_bwd_triton", mutates_args=())
-def lora_bwd_triton(
+def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,43 +130,60 @@ def lora_bwd_triton(
     dx = x.new_empty((M, K) if needs_dx else (0, K))
     dA = lora_A.new_zeros(lora_A.shape if needs_dA else (0, K))
     dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
+    describe = describer(M, N, K, R, dy=dy, lora_A=lora_A)
     if M > 0 and (needs_g or needs_dB or needs_dbias):
-        wrap_triton(lora_grad_output_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            dy, lora_B, S, G, dB, dbias,
-            M, N, R,
-            dy.stride(0), dy.stride(1),
-            lora_B.stride(0), lora_B.stride(1),
-            S.stride(0), S.stride(1),
-            G.stride(0), G.stride(1),
-            dB.stride(0), dB.stride(1),
-            scaling,
+        output_meta = dict(
             NEEDS_G=needs_g, NEEDS_DB=needs_dB, NEEDS_DBIAS=needs_dbias,
             R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_B.dtype),
+        )
+        launch(
+            lora_grad_output_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
+            (dy, lora_B, S, G, dB, dbias,
+             M, N, R,
+             dy.stride(0), dy.stride(1),
+             lora_B.stride(0), lora_B.stride(1),
+             S.stride(0), S.stride(1),
+             G.stride(0), G.stride(1),
+             dB.stride(0), dB.stride(1),
+             scaling),
+            output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
+            rank_configs(M), describe,
         )
     seed_arg = seed if has_dropout else G
     if M > 0 and needs_dx:
         stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
-        wrap_triton(lora_grad_input_kernel)[grid](
-            dy, weight, G, lora_A, dx, seed_arg,
-            M, N, K, R,
-            dy.stride(0), dy.stride(1),
-            stride_wn, stride_wk,
-            G.stride(0), G.stride(1),
-            lora_A.stride(0), lora_A.stride(1),
-            dx.stride(0), dx.stride(1),
-            scaling, dropout_p,
+        input_meta = dict(
             HAS_DROPOUT=has_dropout, R_PAD=r_pad,
             INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_A.dtype),
         )
+        launch(
+            lora_grad_input_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),),
+            (dy, weight, G, lora_A, dx, seed_arg,
+             M, N, K, R,
+             dy.stride(0), dy.stride(1),
+             stride_wn, stride_wk,
+             G.stride(0), G.stride(1),
+             lora_A.stride(0), lora_A.stride(1),
+             dx.stride(0), dx.stride(1),
+             scaling, dropout_p),
+            input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
+            gemm_configs(M), describe, tunable=True,
+        )
     if M > 0 and needs_dA:
-        wrap_triton(lora_grad_a_kernel)[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)](
-            G, x, dA, seed_arg,
-            M, K, R,
-            G.stride(0), G.stride(1),
-            x.stride(0), x.stride(1),
-            dA.stride(0), dA.stride(1),
-            scaling, dropout_p,
-            HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype),
+        grad_a_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype))
+        launch(
+            lora_grad_a_kernel, lambda c: (triton.cdiv(K, c["BLOCK_K"]),),
+            (G, x, dA, seed_arg,
+             M, K, R,
+             G.stride(0), G.stride(1),
+             x.stride(0), x.stride(1),
+             dA.stride(0), dA.stride(1),
+             scaling, dropout_p),
+            grad_a_meta, shape_key("lora_grad_a_kernel", M, 0, K, r_pad, x, lora_A, **grad_a_meta),
+            rank_configs(M), describe,
         )
     return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)
+
+
+lora_fwd_triton = triton_op("fastlora::lora_fwd_triton", mutates_args=())(forward)
+lora_bwd_triton = triton_op("fastlora::lora_bwd_triton", mutates_args=())(backward)

@@ -1,0 +1,131 @@
+"""The Triton launcher survives configs that do not compile or fit, picks one config per
+shape class, and reports clearly when nothing runs (on CPU through TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+import fastlora
+import fastlora.reference as reference
+from lora_cases import available_backends
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends("cpu"), reason="triton is not installed")
+
+
+@pytest.fixture
+def launcher():
+    from fastlora.ops import launcher
+
+    launcher.forget_choices()
+    yield launcher
+    launcher.forget_choices()
+
+
+def gemm(BLOCK_M, BLOCK_N=32, BLOCK_K=32):
+    return triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "GROUP_M": 4},
+                         num_warps=4, num_stages=1)
+
+
+def run_and_check(M=37, K=40, N=24, r=4):
+    """fwd + bwd on the triton backend; output and gradients against the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((M, K), (N, K), (N,), (r, K), (N, r))]
+    x, w, b, A, B = (t.float().requires_grad_(i != 1) for i, t in enumerate(tensors))
+    with fastlora.use_backend("triton"):
+        y = fastlora.lora_linear(x, w, b, A, B, 0.5)
+    y.sum().backward()
+    x64, w64, b64, A64, B64 = (t.requires_grad_(i != 1) for i, t in enumerate(tensors))
+    y64 = reference.lora_linear(x64, w64, b64, A64, B64, 0.5)
+    y64.sum().backward()
+    for ours, truth in ((y, y64), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(ours.detach().double(), truth.detach(), rtol=1e-4, atol=1e-4)
+
+
+def chosen(launcher, kernel_name):
+    return [c for key, c in launcher.chosen_configs().items() if key[0] == kernel_name]
+
+
+def test_a_config_that_does_not_compile_is_dropped(monkeypatch, launcher):
+    from fastlora.ops import triton_ops
+
+    bad = gemm(BLOCK_M=24)  # tl.arange needs a power of two: fails to compile
+    good = gemm(BLOCK_M=16)
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M: [bad, good])
+    run_and_check()
+    assert chosen(launcher, "lora_forward_kernel") == [good]
+    assert chosen(launcher, "lora_grad_input_kernel") == [good]
+
+
+def test_a_config_that_runs_out_of_resources_is_dropped(monkeypatch, launcher):
+    from fastlora.ops import triton_ops
+
+    too_big = gemm(BLOCK_M=16, BLOCK_K=64)
+    fits = gemm(BLOCK_M=16, BLOCK_K=32)
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M: [too_big, fits])
+    real_run = launcher._run
+
+    def run(kernel, grid, args, meta, config):
+        if config is too_big:  # what an H100 raises for a config above 227 KB of shared memory
+            raise OutOfResources(262176, 232448, "shared memory")
+        return real_run(kernel, grid, args, meta, config)
+
+    monkeypatch.setattr(launcher, "_run", run)
+    run_and_check()
+    assert chosen(launcher, "lora_forward_kernel") == [fits]
+
+
+def test_no_config_fits_raises_naming_kernel_shape_and_dtypes(monkeypatch, launcher):
+    from fastlora.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M: [gemm(BLOCK_M=24), gemm(BLOCK_M=48)])
+    x = torch.randn(5, 8)
+    with fastlora.use_backend("triton"), pytest.raises(RuntimeError) as raised:
+        fastlora.lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    message = str(raised.value)
+    assert "lora_forward_kernel" in message and "M=5, N=6, K=8, r=2" in message
+    assert "torch.float32" in message and "BLOCK_M=24" in message and "BLOCK_M=48" in message
+
+
+def test_a_new_M_in_the_same_bucket_reuses_the_choice(monkeypatch, launcher):
+    from fastlora.ops import triton_ops
+
+    calls = []
+    real = triton_ops.gemm_configs
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M: calls.append(M) or real(M))
+    run_and_check(M=40)
+    keys = set(launcher.chosen_configs())
+    run_and_check(M=61)  # bucket 64 as well
+    assert set(launcher.chosen_configs()) == keys
+    run_and_check(M=65)  # bucket 128: a new choice
+    assert len(launcher.chosen_configs()) > len(keys)
+
+
+def test_m_bucket():
+    from fastlora.ops.launcher import m_bucket
+
+    assert [m_bucket(m) for m in (0, 1, 16, 17, 64, 65, 1000, 8192)] == [16, 16, 16, 32, 64, 128, 1024, 8192]
+
+
+def test_tuned_choices_are_written_and_read_back(monkeypatch, tmp_path, launcher):
+    monkeypatch.setattr(launcher, "tuning_cache_path", lambda: tmp_path / "tuning-gpu-tritonX.json")
+    candidates = [gemm(16), gemm(32), gemm(64)]
+    key = ("lora_forward_kernel", "cuda:0", 1024, 4096, 4096, 16)
+    launcher._remember_on_disk(key, candidates[1])
+    launcher.forget_choices()  # a new process: nothing in memory
+    assert launcher._from_disk(key, candidates) is candidates[1]
+    assert launcher._from_disk(("other",), candidates) is None
+
+
+def test_every_config_list_ends_with_a_config_that_fits_small_gpus():
+    """The last config of every list fits 99 KB of shared memory (consumer GPUs) in fp32."""
+    from fastlora.kernels import configs
+    from fastlora.kernels.configs import estimated_shared_bytes
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(configs, "interpreting", lambda: False)
+        for M in (1, 16, 64, 512, 8192):
+            for factory in (configs.gemm_configs, configs.rank_configs):
+                candidates = factory(M)
+                assert 1 <= len(candidates) <= 4
+                assert estimated_shared_bytes(candidates[-1], 4) <= 99 * 1024
