@@ -1,9 +1,11 @@
 """Measuring one provider on one shape: correctness gate, timing, memory, kernel count.
 
-Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward alone,
-the graph retained), ``full`` (forward + backward). Times are medians with p20/p80 in ms:
-on CUDA from ``triton.testing.do_bench`` (CUDA graphs for M <= 16 forward), on CPU from
-``time.perf_counter`` over repeats after warm-up.
+Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward alone:
+each timed backward runs on a fresh graph whose forward ran untimed just before, so no
+provider needs ``retain_graph``, which compiled backwards with donated buffers refuse),
+``full`` (forward + backward). Times are medians with p20/p80 in ms: on CUDA from
+``triton.testing.do_bench`` (CUDA graphs for M <= 16 forward) and CUDA events around each
+backward, on CPU from ``time.perf_counter`` over repeats after warm-up.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def flops(shape: Shape, mode: str, lora: bool) -> float:
     return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
 
 
-def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     ordered = sorted(samples_ms)
     if len(ordered) == 1:
         return ordered[0], ordered[0], ordered[0]
@@ -44,7 +46,7 @@ def time_cpu(fn: Callable[[], object], budget_s: float, min_repeats: int = 3, ma
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
 def time_cuda(fn: Callable[[], object], use_graph: bool) -> tuple[float, float, float, str]:
@@ -61,22 +63,75 @@ def time_cuda(fn: Callable[[], object], use_graph: bool) -> tuple[float, float, 
 
 
 def mode_function(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
+    """The call timed in ``fwd`` or ``full`` mode (``bwd`` is timed by ``time_backward``)."""
     def forward():
         return module(x)
 
     def full():
         module(x).backward(dy)
 
-    if mode == "fwd":
-        return forward
-    if mode == "full":
-        return full
-    y = module(x)
+    return {"fwd": forward, "full": full}[mode]
 
-    def backward():
-        y.backward(dy, retain_graph=True)
 
-    return backward
+def time_backward(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, device: str,
+                  budget_s: float, repeats: int = 50) -> tuple[float, float, float, str]:
+    """Median, p20, p80 (ms) of ``y.backward(dy)`` alone, each on a fresh graph: the forward
+    runs untimed before each timed backward."""
+    def fresh_graph() -> torch.Tensor:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        return module(x)
+
+    for _ in range(3):
+        fresh_graph().backward(dy)
+    if device == "cuda":
+        pairs = []
+        for _ in range(repeats):
+            y = fresh_graph()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y.backward(dy)
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize()
+        return (*quantiles([start.elapsed_time(end) for start, end in pairs]), "cuda-events")
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - started < budget_s):
+        y = fresh_graph()
+        t0 = time.perf_counter()
+        y.backward(dy)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return (*quantiles(samples), "perf_counter")
+
+
+def measure(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, device: str,
+            budget_s: float, use_graph: bool) -> dict:
+    """median_ms, p20_ms, p80_ms, timer and kernel launches of one provider in one mode."""
+    if mode == "bwd":
+        median, p20, p80, timer = time_backward(module, x, dy, device, budget_s)
+        kernels = kernel_count(mode_function(module, x, dy, "full"), device) - kernel_count(
+            mode_function(module, x, dy, "fwd"), device)
+    else:
+        fn = mode_function(module, x, dy, mode)
+        if device == "cuda":
+            median, p20, p80, timer = time_cuda(fn, use_graph=use_graph)
+        else:
+            (median, p20, p80), timer = time_cpu(fn, budget_s), "perf_counter"
+        kernels = kernel_count(fn, device)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "timer": timer, "kernels": kernels}
+
+
+def first_call_seconds(call: Callable[[], object], device: str) -> float:
+    """Wall seconds of ``call()`` (the first forward + backward of a new shape: compiles,
+    config choices), the device synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def saved_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor]) -> int:

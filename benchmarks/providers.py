@@ -118,6 +118,10 @@ def peft_layer(w: Weights, dropout: float) -> nn.Module:
     return layer
 
 
+ALL_PROVIDERS = ["base", "reference", "reference-compiled", "peft", "fastlora", "fastlora-torch",
+                 "fastlora-triton", "fastlora-cpp"]
+
+
 def provider_names(device: str) -> list[str]:
     """Providers measured on ``device`` (peft only when installed)."""
     names = ["base", "reference"]

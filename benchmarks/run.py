@@ -32,6 +32,7 @@ COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "mode",
     "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "timer",
     "tflops", "pct_peak", "vs_base", "vs_peft", "vs_reference", "saved_bytes", "peak_mem_bytes", "kernels",
+    "first_call_s",
 ]
 
 # LLaMA-style (K, N): attention projections, MLP up / down, 13B and 70B-class widths.
@@ -126,24 +127,21 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
     rows = []
     for name in providers:
         module = build(name, weights, shape.dropout)
+        first_call = harness.first_call_seconds(lambda: module(x).backward(dy), device)
         error = None if name == "base" else harness.check_against_reference(module, reference, x, dy)
         saved = harness.saved_bytes(lambda: module(x), [x, *module.parameters()])
         peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), device)
         for mode in modes:
-            row = {"provider": name, "mode": mode, "saved_bytes": saved, "peak_mem_bytes": peak}
+            row = {"provider": name, "mode": mode, "saved_bytes": saved, "peak_mem_bytes": peak,
+                   "first_call_s": first_call}
             if error is not None:
                 row.update(status=f"wrong: {error}")
                 rows.append(row)
                 continue
-            fn = harness.mode_function(module, x, dy, mode)
-            if device == "cuda":
-                median, p20, p80, timer = harness.time_cuda(fn, use_graph=shape.M <= 16 and mode == "fwd")
-            else:
-                (median, p20, p80), timer = harness.time_cpu(fn, budget_s), "perf_counter"
+            timing = harness.measure(module, x, dy, mode, device, budget_s, use_graph=shape.M <= 16 and mode == "fwd")
             row.update(
-                status="ok", median_ms=median, p20_ms=p20, p80_ms=p80, timer=timer,
-                tflops=harness.flops(shape, mode, name != "base") / (median * 1e-3) / 1e12,
-                kernels=harness.kernel_count(fn, device),
+                status="ok", **timing,
+                tflops=harness.flops(shape, mode, name != "base") / (timing["median_ms"] * 1e-3) / 1e12,
             )
             rows.append(row)
     for row in rows:

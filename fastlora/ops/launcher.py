@@ -131,13 +131,14 @@ def launch(
     args: Sequence,
     meta: dict,
     key: tuple,
-    candidates: Sequence[triton.Config],
+    configs: Callable[[], Sequence[triton.Config]],
     describe: Callable[[], str],
     tunable: bool = False,
 ) -> None:
     """Launch ``kernel[grid(config)](*args, **meta, **config)`` with the config chosen for ``key``.
 
-    ``describe()`` gives the shape and dtypes for the error raised when no candidate runs.
+    ``configs()`` lists the candidates (called only when ``key`` has no choice yet);
+    ``describe()`` gives the shape and dtypes for the error raised when no candidate runs;
     ``tunable``: the kernel only writes its outputs, so it may be run repeatedly to time it.
     """
     config = _chosen.get(key)
@@ -147,7 +148,7 @@ def launch(
             return
         except Exception:  # e.g. a new specialisation of the same key that does not fit
             del _chosen[key]
-            candidates = [c for c in candidates if c is not config]
+    candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
     if _tracing():
         tensor = next(a for a in args if isinstance(a, torch.Tensor))
         _run(kernel, grid, args, meta, _traced_choice(key, candidates, tensor.device, tensor.element_size()))

@@ -79,7 +79,7 @@ def forward(
          S.stride(0), S.stride(1),
          dropout_p),
         shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
-        rank_configs(M), describe,
+        lambda: rank_configs(M), describe,
     )
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
     forward_meta = dict(
@@ -97,7 +97,7 @@ def forward(
          y.stride(0), y.stride(1),
          scaling),
         forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
-        gemm_configs(M), describe, tunable=True,
+        lambda: gemm_configs(M), describe, tunable=True,
     )
     return y, S, no_keep_bits(x)
 
@@ -147,7 +147,7 @@ def backward(
              dB.stride(0), dB.stride(1),
              scaling),
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
-            rank_configs(M), describe,
+            lambda: rank_configs(M), describe,
         )
     seed_arg = seed if has_dropout else G
     if M > 0 and needs_dx:
@@ -167,7 +167,7 @@ def backward(
              dx.stride(0), dx.stride(1),
              scaling, dropout_p),
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
-            gemm_configs(M), describe, tunable=True,
+            lambda: gemm_configs(M), describe, tunable=True,
         )
     if M > 0 and needs_dA:
         grad_a_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype))
@@ -180,7 +180,7 @@ def backward(
              dA.stride(0), dA.stride(1),
              scaling, dropout_p),
             grad_a_meta, shape_key("lora_grad_a_kernel", M, 0, K, r_pad, x, lora_A, **grad_a_meta),
-            rank_configs(M), describe,
+            lambda: rank_configs(M), describe,
         )
     return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)
 

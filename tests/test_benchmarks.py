@@ -1,0 +1,45 @@
+"""The benchmark suite runs every provider in every mode (on CPU, tiny shapes): the main job
+of the README must not crash on any provider, compiled ones included."""
+
+import csv
+import importlib.util
+
+import pytest
+
+from benchmarks import harness, run
+from benchmarks.providers import ALL_PROVIDERS, Shape
+from lora_cases import available_backends
+
+
+def runnable_here() -> list[str]:
+    names = []
+    for name in ALL_PROVIDERS:
+        backend = name.removeprefix("fastlora-") if name.startswith("fastlora-") else None
+        if backend is not None and backend not in available_backends("cpu"):
+            continue
+        if name == "peft" and importlib.util.find_spec("peft") is None:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_every_provider_runs_in_every_mode(dropout):
+    shape = Shape(M=20, K=24, N=16, r=4, dropout=dropout, bias=True)
+    providers = runnable_here()
+    rows = run.run_case(shape, providers, list(harness.MODES), "cpu", run.torch.float32, budget_s=0.01)
+    assert {(row["provider"], row["mode"]) for row in rows} == {(p, m) for p in providers for m in harness.MODES}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["first_call_s"] > 0
+    assert "reference-compiled" in providers
+
+
+def test_main_writes_the_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    assert run.main(["--shapes", "16x24x16x4@0.1", "--providers", "base", "fastlora", "--budget", "0.01",
+                     "--csv", str(path), "--no-plot", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 2 * len(harness.MODES)
+    assert all(row["status"] == "ok" and float(row["first_call_s"]) > 0 for row in rows)
