@@ -93,6 +93,8 @@ def _compile_and_load() -> str | None:
 
 def unavailable_reason() -> str | None:
     """Why the C++ backend cannot run, or None when its library is loaded (builds it once)."""
+    if _state["reason"] is None:  # loaded: a library once loaded stays loaded
+        return None
     if os.environ.get("FASTLORA_DISABLE_EXT", "0") == "1":
         return "the C++ extension is disabled by FASTLORA_DISABLE_EXT=1"
     if _state["reason"] == _NOT_TRIED:

@@ -187,7 +187,8 @@ def lora_linear(
     Under ``torch.autocast`` all inputs are cast to the autocast dtype, as ``nn.Linear`` does.
     """
     _check_tensor("x", x)
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -205,9 +206,10 @@ def lora_linear(
         # on the CPU, where reading it never waits for the GPU; the kernels read theirs on x's device
         seed_device = torch.device("cpu") if backend == "torch" else x.device
         seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=seed_device)
-    x2d = _flatten_rows(x)
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(
-            x2d, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, fan_in_fan_out, backend
-        )
+    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, fan_in_fan_out, backend)
+    if autocast:  # the inputs are cast already: the kernels run below autocast
+        with torch.autocast(x.device.type, enabled=False):
+            y = LoRALinearFunction.apply(*args)
+    else:
+        y = LoRALinearFunction.apply(*args)
     return y.reshape(*x.shape[:-1], y.shape[-1])
