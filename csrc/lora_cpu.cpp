@@ -92,7 +92,7 @@ void draw_keep(const Dropout& dropout, int64_t m0, int64_t rows, int64_t K, at::
   const int64_t row_bytes = keep_bits_per_row(K);
   uint8_t* bits = keep_bits.data_ptr<uint8_t>() + m0 * row_bytes;
   for (int64_t i = 0; i < rows; ++i) {
-    philox_keep_bits(dropout.seed, (m0 + i) * K, K, dropout.p, bits + i * row_bytes);
+    philox_keep_bits(dropout.seed, (m0 + i) * ((K + 3) / 4), K, dropout.p, bits + i * row_bytes);
   }
   load_keep(dropout, m0, rows, K, keep_bits, keep);
 }

@@ -1,5 +1,5 @@
-// The keep-mask loops: 32 elements a step with AVX2 where the CPU has it (checked at run time),
-// one at a time otherwise. Both give exactly philox.h's words.
+// The keep-mask loops: 32 counters (128 elements) a step with AVX2 where the CPU has it (checked at
+// run time), one counter at a time otherwise. Both give exactly philox.h's words.
 #include "philox.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -12,11 +12,13 @@
 namespace fastlora {
 namespace {
 
-void keep_bits_scalar(uint64_t seed, int64_t first_offset, int64_t count, float dropout_p, uint8_t* bits) {
+// ``count`` elements from ``first_counter``; ``count`` need not be a multiple of 4.
+void keep_bits_scalar(uint64_t seed, int64_t first_counter, int64_t count, float dropout_p, uint8_t* bits) {
   std::memset(bits, 0, static_cast<size_t>((count + 7) / 8));
+  uint32_t words[4];
   for (int64_t i = 0; i < count; ++i) {
-    const uint32_t word = philox_first_word(seed, static_cast<uint64_t>(first_offset + i));
-    if (uniform_from_word(word) >= dropout_p) bits[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+    if (i % 4 == 0) philox_words(seed, static_cast<uint64_t>(first_counter + i / 4), words);
+    if (uniform_from_word(words[i % 4]) >= dropout_p) bits[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
   }
 }
 
@@ -41,7 +43,15 @@ __attribute__((target("avx2"))) inline void multiply_hi_lo(__m256i a_even, __m25
   *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-__attribute__((target("avx2"))) void keep_bits_avx2(uint64_t seed, int64_t first_offset, int64_t count,
+// Eight lanes of float32 uniforms from eight words: value < 0 ? ~value : value, as
+// value ^ (value >> 31) with an arithmetic shift, times the scale; then the keep lanes as 8 bits.
+__attribute__((target("avx2"))) inline int keep_lanes(__m256i word, __m256 scale, __m256 threshold) {
+  const __m256i value = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));
+  const __m256 uniform = _mm256_mul_ps(_mm256_cvtepi32_ps(value), scale);
+  return _mm256_movemask_ps(_mm256_cmp_ps(uniform, threshold, _CMP_GE_OQ));
+}
+
+__attribute__((target("avx2"))) void keep_bits_avx2(uint64_t seed, int64_t first_counter, int64_t count,
                                                     float dropout_p, uint8_t* bits) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int32_t>(kPhiloxRoundA));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int32_t>(kPhiloxRoundB));
@@ -59,19 +69,20 @@ __attribute__((target("avx2"))) void keep_bits_avx2(uint64_t seed, int64_t first
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  alignas(32) uint32_t offset_lo[kStep];
-  alignas(32) uint32_t offset_hi[kStep];
+  alignas(32) uint32_t counter_lo[kStep];
+  alignas(32) uint32_t counter_hi[kStep];
+  constexpr int64_t kElements = 4 * kStep;  // four elements a counter
   int64_t i = 0;
-  for (; i + kStep <= count; i += kStep) {
+  for (; i + kElements <= count; i += kElements) {
     for (int lane = 0; lane < kStep; ++lane) {
-      const auto offset = static_cast<uint64_t>(first_offset + i + lane);
-      offset_lo[lane] = static_cast<uint32_t>(offset);
-      offset_hi[lane] = static_cast<uint32_t>(offset >> 32);
+      const auto counter = static_cast<uint64_t>(first_counter + i / 4 + lane);
+      counter_lo[lane] = static_cast<uint32_t>(counter);
+      counter_hi[lane] = static_cast<uint32_t>(counter >> 32);
     }
     __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     for (int g = 0; g < kGroups; ++g) {
-      c0[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(offset_lo + g * kLanes));
-      c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(offset_hi + g * kLanes));
+      c0[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_lo + g * kLanes));
+      c1[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_hi + g * kLanes));
       c2[g] = _mm256_setzero_si256();
       c3[g] = _mm256_setzero_si256();
     }
@@ -87,13 +98,20 @@ __attribute__((target("avx2"))) void keep_bits_avx2(uint64_t seed, int64_t first
       }
     }
     for (int g = 0; g < kGroups; ++g) {
-      // value < 0 ? ~value : value, as value ^ (value >> 31) with an arithmetic shift
-      const __m256i value = _mm256_xor_si256(c0[g], _mm256_srai_epi32(c0[g], 31));
-      const __m256 uniform = _mm256_mul_ps(_mm256_cvtepi32_ps(value), scale);
-      bits[i / 8 + g] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(uniform, threshold, _CMP_GE_OQ)));
+      // keep[w] bit j: word w of counter j of this group, i.e. element 4 j + w
+      const int keep[4] = {keep_lanes(c0[g], scale, threshold), keep_lanes(c1[g], scale, threshold),
+                           keep_lanes(c2[g], scale, threshold), keep_lanes(c3[g], scale, threshold)};
+      for (int byte = 0; byte < kLanes / 2; ++byte) {  // counters 2 byte and 2 byte + 1
+        int value = 0;
+        for (int w = 0; w < 4; ++w) {
+          value |= ((keep[w] >> (2 * byte)) & 1) << w;
+          value |= ((keep[w] >> (2 * byte + 1)) & 1) << (4 + w);
+        }
+        bits[(i + 4 * kLanes * g) / 8 + byte] = static_cast<uint8_t>(value);
+      }
     }
   }
-  keep_bits_scalar(seed, first_offset + i, count - i, dropout_p, bits + i / 8);
+  keep_bits_scalar(seed, first_counter + i / 4, count - i, dropout_p, bits + i / 8);
 }
 
 __attribute__((target("avx2"))) void expand_keep_bits_avx2(const uint8_t* bits, int64_t count, float kept_value,
@@ -117,11 +135,11 @@ bool cpu_has_avx2() {
 
 }  // namespace
 
-void philox_keep_bits(uint64_t seed, int64_t first_offset, int64_t count, float dropout_p, uint8_t* bits) {
+void philox_keep_bits(uint64_t seed, int64_t first_counter, int64_t count, float dropout_p, uint8_t* bits) {
 #ifdef FASTLORA_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return keep_bits_avx2(seed, first_offset, count, dropout_p, bits);
+  if (cpu_has_avx2()) return keep_bits_avx2(seed, first_counter, count, dropout_p, bits);
 #endif
-  keep_bits_scalar(seed, first_offset, count, dropout_p, bits);
+  keep_bits_scalar(seed, first_counter, count, dropout_p, bits);
 }
 
 void expand_keep_bits(const uint8_t* bits, int64_t count, float kept_value, float* out) {

@@ -8,7 +8,7 @@ and dbias (N,) accumulated in float32 buffers.
 import triton
 import triton.language as tl
 
-from fastlora.kernels.dropout import dropout_keep
+from fastlora.kernels.dropout import load_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
@@ -72,7 +72,7 @@ def lora_grad_output_kernel(
 @triton.jit(do_not_specialize=["M"])
 def lora_grad_input_kernel(
     # pointers
-    dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, seed_ptr,
+    dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, bits_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -81,6 +81,7 @@ def lora_grad_input_kernel(
     stride_gm, stride_gr,
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
+    stride_bitsm,
     # scalars
     scaling, dropout_p,
     # meta-parameters
@@ -94,7 +95,7 @@ def lora_grad_input_kernel(
     GROUP_M: tl.constexpr,
 ):
     """dx[m-block, k-block] = dy W + scaling * (G A) * mask / (1 - p), the rank-r term in the
-    epilogue with the mask regenerated from the seed.
+    epilogue with the forward's keep-mask read from its bits.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),): here the output tile is BLOCK_M x BLOCK_N
     over dx's K columns, and BLOCK_K tiles the reduction over N.
@@ -120,8 +121,7 @@ def lora_grad_input_kernel(
     a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, mask_r, mask_k)
     lora = scaling * tl.dot(g.to(a.dtype), a, input_precision=ADAPTER_PRECISION)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+        keep = load_keep(bits_ptr, offs_m, pid_k * BLOCK_N, M, K, stride_bitsm, BLOCK_N)
         lora = tl.where(keep, lora * (1.0 / (1.0 - dropout_p)), 0.0)
     acc += lora
     store_tile(dx_ptr, acc.to(dx_ptr.dtype.element_ty), offs_m, offs_k, stride_dxm, stride_dxk, mask_m, mask_k)
@@ -130,13 +130,14 @@ def lora_grad_input_kernel(
 @triton.jit(do_not_specialize=["M"])
 def lora_grad_a_kernel(
     # pointers
-    g_ptr, x_ptr, da_ptr, seed_ptr,
+    g_ptr, x_ptr, a_ptr, partial_ptr, bits_ptr,
     # sizes
-    M, K, R,
+    M, K, R, SPLIT_M,
     # strides
     stride_gm, stride_gr,
     stride_xm, stride_xk,
-    stride_dar, stride_dak,
+    stride_ps, stride_pr, stride_pk,
+    stride_bitsm,
     # scalars
     scaling, dropout_p,
     # meta-parameters
@@ -147,27 +148,30 @@ def lora_grad_a_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dA[:, k-block] = scaling * G^T drop(x)[:, k-block], the mask regenerated from the seed.
+    """partial[s, :, k-block] = scaling * G^T drop(x)[:, k-block] over the row blocks s,
+    s + SPLIT_M, s + 2 SPLIT_M, ... (float32); dA = sum over s, reduced by the launcher in a
+    fixed order (deterministic). The keep-mask is read from the forward's bits. a_ptr (A) only
+    gives the adapters' dtype.
 
-    Grid: (cdiv(K, BLOCK_K),); each program reduces over all of M. BLOCK_N is unused here.
+    Grid: (cdiv(K, BLOCK_K), SPLIT_M): the split over M fills every SM when K is narrow.
+    BLOCK_N is unused here.
     """
     pid_k = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mask_k = offs_k < K
     mask_r = offs_r < R
-    adapter_dtype = da_ptr.dtype.element_ty
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    adapter_dtype = a_ptr.dtype.element_ty  # A itself is not read: the product runs in its dtype
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(pid_s * BLOCK_M, M, SPLIT_M * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         g_t = load_tile(g_ptr, offs_r, offs_m, stride_gr, stride_gm, mask_r, mask_m)
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
+            x = tl.where(load_keep(bits_ptr, offs_m, pid_k * BLOCK_K, M, K, stride_bitsm, BLOCK_K), x, 0.0)
         acc = tl.dot(g_t.to(adapter_dtype), x.to(adapter_dtype), acc, input_precision=ADAPTER_PRECISION)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    store_tile(da_ptr, (acc * scaling).to(adapter_dtype), offs_r, offs_k, stride_dar, stride_dak, mask_r, mask_k)
+    store_tile(partial_ptr + pid_s * stride_ps, acc * scaling, offs_r, offs_k, stride_pr, stride_pk, mask_r, mask_k)

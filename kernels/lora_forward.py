@@ -9,20 +9,21 @@ masked loads, never copies of A or B.
 import triton
 import triton.language as tl
 
-from fastlora.kernels.dropout import dropout_keep
+from fastlora.kernels.dropout import draw_keep, store_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
 
 
 @triton.jit(do_not_specialize=["M"])
 def lora_shrink_kernel(
     # pointers
-    x_ptr, a_ptr, s_ptr, seed_ptr,
+    x_ptr, a_ptr, s_ptr, seed_ptr, bits_ptr,
     # sizes
     M, K, R,
     # strides
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_sm, stride_sr,
+    stride_bitsm,
     # scalars
     dropout_p,
     # meta-parameters
@@ -33,7 +34,8 @@ def lora_shrink_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """S[m-block, :] = drop(x)[m-block, :] A^T, accumulated in float32 over K.
+    """S[m-block, :] = drop(x)[m-block, :] A^T, accumulated in float32 over K; with dropout the
+    keep-mask is drawn here, once, and stored as bits (M, ceil(K / 8)) for the backward.
 
     Grid: (cdiv(M, BLOCK_M),). BLOCK_N is unused here (shared config list).
     """
@@ -50,7 +52,9 @@ def lora_shrink_kernel(
         mask_k = offs_k < K
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, dropout_p), x, 0.0)
+            keep = draw_keep(seed, offs_m, k0, K, dropout_p, BLOCK_K)
+            store_keep(bits_ptr, keep, offs_m, k0, M, K, stride_bitsm, BLOCK_K)
+            x = tl.where(keep, x, 0.0)
         a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
         acc = tl.dot(x.to(a_t.dtype), a_t, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:

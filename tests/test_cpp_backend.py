@@ -24,7 +24,7 @@ def test_cpp_backend_is_built_in_ci():
 
 @needs_cpp
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
-@pytest.mark.parametrize("shape", [(70, 77), (3, 5, 40), (1, 1), (33, 256)])
+@pytest.mark.parametrize("shape", [(70, 77), (3, 5, 40), (1, 1), (33, 256), (5, 301)])
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
 def test_cpp_mask_equals_triton_mask(shape, dropout_p):
     masks = {}

@@ -97,6 +97,19 @@ def _from_disk(key: tuple, candidates: Sequence[triton.Config]) -> triton.Config
     return next((c for c in candidates if saved == config_kwargs(c)), None)
 
 
+_INTERPRETER_SMS = 4  # the CPU under TRITON_INTERPRET=1: a small count, so that splits are exercised
+_multiprocessors: dict[torch.device, int] = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (queried once per device, never at import)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    if device not in _multiprocessors:
+        _multiprocessors[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _multiprocessors[device]
+
+
 def _device_shared_bytes(device: torch.device) -> int:
     properties = torch.cuda.get_device_properties(device)
     return getattr(properties, "shared_memory_per_block_optin", 0) or 48 * 1024

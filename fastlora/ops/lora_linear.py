@@ -122,9 +122,9 @@ class LoRALinearFunction(torch.autograd.Function):
       db   =  sum over rows of dy                                       (N,)
       dW   is never computed: the base weight is frozen.
 
-    Saved for backward: x, W, A, B (all already alive), S (M x r), the seed and, on the cpp
-    backend with dropout, the keep-mask as bits (M x K / 8 bytes; the other backends
-    regenerate the mask from the seed).
+    Saved for backward: x, W, A, B (all already alive), S (M x r), the seed and, with dropout
+    on the triton and cpp backends, the keep-mask as bits (M x K / 8 bytes; the torch backend
+    draws its mask again from the seed).
     """
 
     @staticmethod

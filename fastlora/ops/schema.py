@@ -13,9 +13,10 @@ Backward: (dy (M, N), x, weight, lora_A, lora_B, S, keep_bits, scaling, dropout_
              returned as an empty tensor.
 
 keep_bits is the dropout keep-mask packed eight elements a byte, (M, ceil(K / 8)) uint8, bit
-k % 8 of byte [m, k // 8] for element (m, k), for a backend that keeps it from the forward to
-the backward (``cpp``: regenerating Philox numbers costs more than reading 1/8 byte an element
-on a CPU); an empty uint8 tensor for the backends that regenerate the mask from the seed.
+k % 8 of byte [m, k // 8] for element (m, k), drawn once by the forward and read by the
+backward (``triton`` and ``cpp``: kernels/dropout.py and csrc/philox.h draw the same bits for
+the same seed); an empty uint8 tensor for the ``torch`` backend, which draws its mask again
+from a seeded torch.Generator, and for every call without dropout.
 """
 
 from __future__ import annotations

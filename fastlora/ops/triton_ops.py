@@ -5,8 +5,9 @@
 so ``torch.compile`` traces into the kernels; eager calls run the same Python functions
 directly (no dispatcher round trip). Every kernel goes through ``launcher.launch``: one config
 per kernel and shape class (bucketed M), configs that do not fit dropped at run time.
-Saved for backward: S (M x r, float32) and the seed; nothing else of size M x K (x itself is
-the caller's) and nothing of size M x N.
+Saved for backward: S (M x r, float32) and, with dropout, the keep-mask as bits (M x K / 8
+bytes, drawn once by the shrink kernel); nothing else of size M x K (x itself is the
+caller's) and nothing of size M x N.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch.library import triton_op
 from fastlora.kernels.configs import gemm_configs, rank_configs
 from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
 from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
-from fastlora.ops.launcher import launch, m_bucket
-from fastlora.ops.schema import no_keep_bits
+from fastlora.ops.launcher import launch, m_bucket, multiprocessor_count
+from fastlora.ops.schema import keep_bits_for
 
 
 def padded_rank(r: int) -> int:
@@ -37,6 +38,17 @@ def weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int
     if fan_in_fan_out:
         return weight.stride(1), weight.stride(0)
     return weight.stride(0), weight.stride(1)
+
+
+def bits_row_stride(keep_bits: torch.Tensor) -> int:
+    """Row stride of keep_bits (M, ceil(K / 8)); 0 for the empty tensor of a call without dropout."""
+    return keep_bits.stride(0) if keep_bits.dim() == 2 else 0
+
+
+def split_rows(M: int, K: int, device: torch.device) -> int:
+    """Row splits of the dA reduction: enough (cdiv(K, 128) x splits) programs for two per SM,
+    at most 16 and at most one per 64 rows."""
+    return max(1, min(triton.cdiv(M, 64), 16, 2 * multiprocessor_count(device) // triton.cdiv(K, 128)))
 
 
 def shape_key(name: str, M: int, N: int, K: int, r_pad: int, *tensors: torch.Tensor, **flags) -> tuple:
@@ -65,18 +77,20 @@ def forward(
     y = x.new_empty((M, N))
     S = x.new_empty((M, R), dtype=torch.float32)
     if M == 0:
-        return y, S, no_keep_bits(x)
+        return y, S, keep_bits_for(x, dropout_p, seed)
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
+    keep_bits = keep_bits_for(x, dropout_p, seed)
     describe = describer(M, N, K, R, x=x, lora_A=lora_A)
     shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
     launch(
         lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
-        (x, lora_A, S, seed if has_dropout else S,
+        (x, lora_A, S, seed if has_dropout else S, keep_bits,
          M, K, R,
          x.stride(0), x.stride(1),
          lora_A.stride(0), lora_A.stride(1),
          S.stride(0), S.stride(1),
+         bits_row_stride(keep_bits),
          dropout_p),
         shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
         lambda: rank_configs(M), describe,
@@ -99,7 +113,7 @@ def forward(
         forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
         lambda: gemm_configs(M), describe, tunable=True,
     )
-    return y, S, no_keep_bits(x)
+    return y, S, keep_bits
 
 
 def backward(
@@ -128,7 +142,7 @@ def backward(
     dB = x.new_zeros((N, R) if needs_dB else (0, R), dtype=torch.float32)
     dbias = x.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32)
     dx = x.new_empty((M, K) if needs_dx else (0, K))
-    dA = lora_A.new_zeros(lora_A.shape if needs_dA else (0, K))
+    dA = lora_A.new_empty((0, K))
     dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
     describe = describer(M, N, K, R, dy=dy, lora_A=lora_A)
     if M > 0 and (needs_g or needs_dB or needs_dbias):
@@ -149,7 +163,6 @@ def backward(
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
             lambda: rank_configs(M), describe,
         )
-    seed_arg = seed if has_dropout else G
     if M > 0 and needs_dx:
         stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
         input_meta = dict(
@@ -158,30 +171,37 @@ def backward(
         )
         launch(
             lora_grad_input_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),),
-            (dy, weight, G, lora_A, dx, seed_arg,
+            (dy, weight, G, lora_A, dx, keep_bits,
              M, N, K, R,
              dy.stride(0), dy.stride(1),
              stride_wn, stride_wk,
              G.stride(0), G.stride(1),
              lora_A.stride(0), lora_A.stride(1),
              dx.stride(0), dx.stride(1),
+             bits_row_stride(keep_bits),
              scaling, dropout_p),
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
             lambda: gemm_configs(M), describe, tunable=True,
         )
-    if M > 0 and needs_dA:
+    if needs_dA and M == 0:
+        dA = lora_A.new_zeros(lora_A.shape)
+    elif needs_dA:
+        split = split_rows(M, K, x.device)
+        partial = x.new_empty((split, R, K), dtype=torch.float32)
         grad_a_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype))
         launch(
-            lora_grad_a_kernel, lambda c: (triton.cdiv(K, c["BLOCK_K"]),),
-            (G, x, dA, seed_arg,
-             M, K, R,
+            lora_grad_a_kernel, lambda c: (triton.cdiv(K, c["BLOCK_K"]), split),
+            (G, x, lora_A, partial, keep_bits,
+             M, K, R, split,
              G.stride(0), G.stride(1),
              x.stride(0), x.stride(1),
-             dA.stride(0), dA.stride(1),
+             partial.stride(0), partial.stride(1), partial.stride(2),
+             bits_row_stride(keep_bits),
              scaling, dropout_p),
             grad_a_meta, shape_key("lora_grad_a_kernel", M, 0, K, r_pad, x, lora_A, **grad_a_meta),
             lambda: rank_configs(M), describe,
         )
+        dA = (partial[0] if split == 1 else partial.sum(0)).to(lora_A.dtype)
     return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)
 
 
