@@ -31,6 +31,10 @@ CASES = [
     # several row blocks and threads on the cpp backend; K = 45: a vector step plus a tail
     Case(M=150, K=45, N=37, r=8, dropout_p=0.2),
     Case(M=97, K=8, N=5, r=2, dropout_p=0.1, strided=True, fan_in_fan_out=True),
+    # M > 64 with 16-byte aligned rows: the triton backend's TMA + persistent GEMMs
+    Case(M=130, K=48, N=40, r=16, dropout_p=0.2),
+    Case(M=100, K=32, N=24, r=8, batch=2, fan_in_fan_out=True, bias=False),
+    Case(M=90, K=64, N=36, r=64, dropout_p=0.1, fan_in_fan_out=True),
 ]
 HALF_CASES = [
     Case(M=37, K=19, N=23, r=4, dtype=torch.float16),
@@ -40,6 +44,8 @@ HALF_CASES = [
     Case(M=11, K=40, N=24, r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32, bias=False),
     Case(M=48, K=40, N=33, r=16, dtype=torch.bfloat16, dropout_p=0.1, batch=2),
     Case(M=37, K=19, N=23, r=4, dtype=torch.bfloat16, fan_in_fan_out=True, strided=True),
+    Case(M=96, K=40, N=24, r=8, dtype=torch.float16, dropout_p=0.1),
+    Case(M=80, K=32, N=48, r=4, dtype=torch.float16, adapter_dtype=torch.float32, dropout_p=0.3),
 ]
 
 

@@ -48,3 +48,24 @@ def test_only_needed_gradients_are_computed(monkeypatch):
         fastlora.lora_linear(x, torch.randn(12, 20), None, A, B, 0.5).sum().backward()
     assert launches == []
     assert A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("shape,tma", [
+    ((130, 48, 40), True),    # M > 64, rows 16-byte aligned: TMA + persistent GEMMs
+    ((130, 45, 40), False),   # K * 4 bytes not a multiple of 16: pointer kernels
+    ((40, 48, 40), False),    # decode-sized M: pointer kernels
+])
+def test_the_launcher_picks_tma_only_where_it_can_read(shape, tma):
+    from fastlora.ops import launcher
+
+    launcher.forget_choices()
+    M, K, N = shape
+    x = torch.randn(M, K, requires_grad=True)
+    A = torch.randn(4, K, requires_grad=True)
+    B = torch.randn(N, 4, requires_grad=True)
+    with fastlora.use_backend("triton"):
+        fastlora.lora_linear(x, torch.randn(N, K), None, A, B, 0.5, 0.2, True).sum().backward()
+    kernels = {key[0] for key in launcher.chosen_configs()}
+    assert ({"lora_forward_tma", "lora_grad_input_tma"} <= kernels) == tma
+    assert ({"lora_forward_kernel", "lora_grad_input_kernel"} <= kernels) == (not tma)
+    launcher.forget_choices()

@@ -52,9 +52,14 @@ def describe_config(config: triton.Config) -> str:
     return f"{blocks}, num_warps={config.num_warps}, num_stages={config.num_stages}"
 
 
-def _run(kernel, grid: Grid, args: Sequence, meta: dict, config: triton.Config) -> None:
+Args = Sequence | Callable[[dict], Sequence]
+
+
+def _run(kernel, grid: Grid, args: Args, meta: dict, config: triton.Config) -> None:
+    """One launch; ``args`` may be a function of the config's blocks (TMA descriptors)."""
     launch_grid = grid(config.kwargs)
-    wrap_triton(kernel)[launch_grid](*args, **meta, **config_kwargs(config))
+    arguments = args(config.kwargs) if callable(args) else args
+    wrap_triton(kernel)[launch_grid](*arguments, **meta, **config_kwargs(config))
 
 
 def _tracing() -> bool:
@@ -132,7 +137,7 @@ def fitting_first(candidates: Sequence[triton.Config], device: torch.device, ele
     return fits + [c for c in candidates if c not in fits]
 
 
-def _time(kernel, grid: Grid, args: Sequence, meta: dict, config: triton.Config) -> float:
+def _time(kernel, grid: Grid, args: Args, meta: dict, config: triton.Config) -> float:
     import triton.testing
 
     return triton.testing.do_bench(lambda: _run(kernel, grid, args, meta, config), warmup=5, rep=20)
@@ -141,18 +146,22 @@ def _time(kernel, grid: Grid, args: Sequence, meta: dict, config: triton.Config)
 def launch(
     kernel,
     grid: Grid,
-    args: Sequence,
+    args: Args,
     meta: dict,
     key: tuple,
     configs: Callable[[], Sequence[triton.Config]],
     describe: Callable[[], str],
     tunable: bool = False,
+    like: torch.Tensor | None = None,
 ) -> None:
     """Launch ``kernel[grid(config)](*args, **meta, **config)`` with the config chosen for ``key``.
 
+    ``args`` is the kernel's arguments, or a function of the config's blocks giving them;
     ``configs()`` lists the candidates (called only when ``key`` has no choice yet);
     ``describe()`` gives the shape and dtypes for the error raised when no candidate runs;
-    ``tunable``: the kernel only writes its outputs, so it may be run repeatedly to time it.
+    ``tunable``: the kernel only writes its outputs, so it may be run repeatedly to time it;
+    ``like``: the tensor whose device and element size the configs are sized for (default: the
+    first tensor argument).
     """
     config = _chosen.get(key)
     if config is not None:
@@ -162,11 +171,10 @@ def launch(
         except Exception:  # e.g. a new specialisation of the same key that does not fit
             del _chosen[key]
     candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
+    tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
     if _tracing():
-        tensor = next(a for a in args if isinstance(a, torch.Tensor))
         _run(kernel, grid, args, meta, _traced_choice(key, candidates, tensor.device, tensor.element_size()))
         return
-    tensor = next(a for a in args if isinstance(a, torch.Tensor))
     candidates = fitting_first(candidates, tensor.device, tensor.element_size())
     errors = []
     runnable = []

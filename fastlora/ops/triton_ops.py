@@ -5,6 +5,10 @@
 so ``torch.compile`` traces into the kernels; eager calls run the same Python functions
 directly (no dispatcher round trip). Every kernel goes through ``launcher.launch``: one config
 per kernel and shape class (bucketed M), configs that do not fit dropped at run time.
+The two big GEMMs (y, dx) run on the TMA + persistent kernel (kernels/lora_gemm_tma.py) for
+eager calls with M > 64 whose operands TMA can read (Hopper or newer, or the interpreter;
+16-byte aligned rows); decode sizes, other strides, traced graphs and any shape whose TMA
+kernel cannot run take the pointer-load kernels.
 Saved for backward: S (M x r, float32) and, with dropout, the keep-mask as bits (M x K / 8
 bytes, drawn once by the shrink kernel); nothing else of size M x K (x itself is the
 caller's) and nothing of size M x N.
@@ -16,9 +20,15 @@ import torch
 import triton
 from torch.library import triton_op
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side tensor descriptors: pointer kernels only
+    TensorDescriptor = None
+
 from fastlora.kernels.configs import gemm_configs, rank_configs
 from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
 from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
+from fastlora.kernels.lora_gemm_tma import lora_gemm_tma_kernel
 from fastlora.ops.launcher import launch, m_bucket, multiprocessor_count
 from fastlora.ops.schema import keep_bits_for
 
@@ -49,6 +59,79 @@ def split_rows(M: int, K: int, device: torch.device) -> int:
     """Row splits of the dA reduction: enough (cdiv(K, 128) x splits) programs for two per SM,
     at most 16 and at most one per 64 rows."""
     return max(1, min(triton.cdiv(M, 64), 16, 2 * multiprocessor_count(device) // triton.cdiv(K, 128)))
+
+
+_hopper: dict[torch.device, bool] = {}
+_tma_failed: set[tuple] = set()
+
+
+def tma_device(device: torch.device) -> bool:
+    """TMA runs on Hopper or newer GPUs, and in the interpreter on the CPU."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    if device not in _hopper:
+        _hopper[device] = torch.cuda.get_device_capability(device) >= (9, 0)
+    return _hopper[device]
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA reads 2-D tiles with a unit column stride and 16-byte aligned base and row stride
+    (allocations are aligned, so the storage offset decides)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.storage_offset() * size) % 16:
+            return False
+        if t.shape[1] * size < 16:
+            return False
+    return True
+
+
+def gemm_on_tma(
+    name: str, a: torch.Tensor, weight: torch.Tensor, b_transposed: bool, out: torch.Tensor,
+    left: torch.Tensor, right: torch.Tensor, stride_rr: int, stride_rc: int, bias: torch.Tensor | None,
+    keep_bits: torch.Tensor, scaling: float, dropout_p: float, has_dropout: bool, describe,
+) -> bool:
+    """out (M, C) = a (M, RED) x W + scaling * left right (masked with dropout) (+ bias) on the TMA
+    kernel; False (nothing launched) when this call cannot take it."""
+    M, RED = a.shape
+    C = out.shape[1]
+    R = left.shape[1]
+    if (TensorDescriptor is None or M <= 64 or torch.compiler.is_compiling() or type(a) is not torch.Tensor
+            or not tma_device(a.device) or not tma_aligned(a, weight, out)):
+        return False
+    num_sms = multiprocessor_count(a.device)
+    meta = dict(
+        B_TRANSPOSED=b_transposed, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=padded_rank(R),
+        INPUT_PRECISION=dot_precision(a.dtype), ADAPTER_PRECISION=dot_precision(right.dtype), NUM_SMS=num_sms,
+    )
+    key = shape_key(name, M, C, RED, padded_rank(R), a, right, **meta)
+    if key in _tma_failed:
+        return False
+
+    def args(blocks: dict) -> tuple:
+        bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+        return (
+            TensorDescriptor.from_tensor(a, [bm, bk]),
+            TensorDescriptor.from_tensor(weight, [bn, bk] if b_transposed else [bk, bn]),
+            TensorDescriptor.from_tensor(out, [bm, bn]),
+            left, right, bias if bias is not None else out, keep_bits,
+            M, C, RED, R,
+            left.stride(0), left.stride(1),
+            stride_rr, stride_rc,
+            bits_row_stride(keep_bits),
+            scaling, dropout_p,
+        )
+
+    try:
+        launch(
+            lora_gemm_tma_kernel,
+            lambda c: (min(num_sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(C, c["BLOCK_N"])),),
+            args, meta, key, lambda: gemm_configs(M), describe, tunable=True, like=a,
+        )
+    except RuntimeError:  # no config of the TMA kernel runs here: the pointer kernels take this shape
+        _tma_failed.add(key)
+        return False
+    return True
 
 
 def shape_key(name: str, M: int, N: int, K: int, r_pad: int, *tensors: torch.Tensor, **flags) -> tuple:
@@ -95,6 +178,9 @@ def forward(
         shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
         lambda: rank_configs(M), describe,
     )
+    if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
+                   lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
+        return y, S, keep_bits
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
     forward_meta = dict(
         HAS_BIAS=bias is not None, R_PAD=r_pad,
@@ -163,7 +249,10 @@ def backward(
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
             lambda: rank_configs(M), describe,
         )
-    if M > 0 and needs_dx:
+    if M > 0 and needs_dx and not gemm_on_tma(
+        "lora_grad_input_tma", dy, weight, fan_in_fan_out, dx, G, lora_A, lora_A.stride(0), lora_A.stride(1),
+        None, keep_bits, scaling, dropout_p, has_dropout, describe,
+    ):
         stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
         input_meta = dict(
             HAS_DROPOUT=has_dropout, R_PAD=r_pad,
