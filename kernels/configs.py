@@ -30,10 +30,13 @@ _SAFE_GEMM = _config(32, 32, 32, num_warps=4, num_stages=2, GROUP_M=1)
 _SAFE_RANK = _config(16, 32, 32, num_warps=4, num_stages=1)
 
 
-def gemm_configs(M: int) -> list[triton.Config]:
+def gemm_configs(M: int, r_pad: int = 16) -> list[triton.Config]:
     """Tiles for the (M x N, reduce over K) GEMMs with a rank-r epilogue (forward y, backward dx).
 
     M <= 64 (decode): one rule, thin row tiles and many column tiles so that every SM streams W.
+    Large M: the epilogue's rank tiles take shared memory too, so the stages shrink as r grows
+    (compiled for sm_90, bf16, TMA kernel: 128x256x64 s3 is 220 KB at r = 16; s2 is 208 KB at
+    r = 64; 128x128x64 s3 is 224 KB at r = 128, of 227 KB; benchmarks/sm90_check.py).
     """
     if interpreting():
         return [_config(16, 32, 32, num_warps=4, num_stages=1, GROUP_M=4)]
@@ -43,15 +46,27 @@ def gemm_configs(M: int) -> list[triton.Config]:
         return [_config(64, 64, 128, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
     if M <= 512:
         return [
-            _config(64, 128, 64, num_warps=4, num_stages=4),
-            _config(128, 128, 64, num_warps=8, num_stages=3),
-            _config(64, 64, 64, num_warps=4, num_stages=4),
+            _config(64, 128, 64, num_warps=4, num_stages=4, GROUP_M=8),
+            _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+            _config(64, 64, 64, num_warps=4, num_stages=4, GROUP_M=8),
+            _SAFE_GEMM,
+        ]
+    if r_pad <= 32:
+        return [
+            _config(128, 256, 64, num_warps=8, num_stages=3, GROUP_M=8),
+            _config(256, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+            _config(128, 128, 64, num_warps=8, num_stages=4, GROUP_M=8),
+            _SAFE_GEMM,
+        ]
+    if r_pad <= 64:
+        return [
+            _config(128, 256, 64, num_warps=8, num_stages=2, GROUP_M=8),
+            _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
             _SAFE_GEMM,
         ]
     return [
-        _config(128, 256, 64, num_warps=8, num_stages=3),
-        _config(256, 128, 64, num_warps=8, num_stages=3),
-        _config(128, 128, 64, num_warps=8, num_stages=4),
+        _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+        _config(128, 128, 64, num_warps=8, num_stages=2, GROUP_M=8),
         _SAFE_GEMM,
     ]
 

@@ -100,11 +100,12 @@ def gemm_on_tma(
             or not tma_device(a.device) or not tma_aligned(a, weight, out)):
         return False
     num_sms = multiprocessor_count(a.device)
+    r_pad = padded_rank(R)
     meta = dict(
-        B_TRANSPOSED=b_transposed, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=padded_rank(R),
+        B_TRANSPOSED=b_transposed, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
         INPUT_PRECISION=dot_precision(a.dtype), ADAPTER_PRECISION=dot_precision(right.dtype), NUM_SMS=num_sms,
     )
-    key = shape_key(name, M, C, RED, padded_rank(R), a, right, **meta)
+    key = shape_key(name, M, C, RED, r_pad, a, right, **meta)
     if key in _tma_failed:
         return False
 
@@ -126,7 +127,7 @@ def gemm_on_tma(
         launch(
             lora_gemm_tma_kernel,
             lambda c: (min(num_sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(C, c["BLOCK_N"])),),
-            args, meta, key, lambda: gemm_configs(M), describe, tunable=True, like=a,
+            args, meta, key, lambda: gemm_configs(M, r_pad), describe, tunable=True, like=a,
         )
     except RuntimeError:  # no config of the TMA kernel runs here: the pointer kernels take this shape
         _tma_failed.add(key)
@@ -197,7 +198,7 @@ def forward(
          y.stride(0), y.stride(1),
          scaling),
         forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
-        lambda: gemm_configs(M), describe, tunable=True,
+        lambda: gemm_configs(M, r_pad), describe, tunable=True,
     )
     return y, S, keep_bits
 
@@ -270,7 +271,7 @@ def backward(
              bits_row_stride(keep_bits),
              scaling, dropout_p),
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
-            lambda: gemm_configs(M), describe, tunable=True,
+            lambda: gemm_configs(M, r_pad), describe, tunable=True,
         )
     if needs_dA and M == 0:
         dA = lora_A.new_zeros(lora_A.shape)

@@ -1,0 +1,43 @@
+"""Every kernel and GPU config compiles for an H100 (sm_90) on this CPU machine: within 227 KB
+of shared memory, the big GEMMs on wgmma, the TMA kernel's tiles through TMA. A compile check,
+not a launch guarantee (the launcher's run-time fallback covers the rest)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lora_cases import available_backends
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends("cpu"), reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.sm90_check", "--json"], capture_output=True,
+                            text=True, env=environment, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_every_config_compiles_within_h100_shared_memory(compiled):
+    from benchmarks.sm90_check import H100_SHARED_BYTES
+
+    assert {row["kernel"] for row in compiled} == {
+        "lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel",
+        "lora_shrink_kernel", "lora_grad_output_kernel", "lora_grad_a_kernel"}
+    for row in compiled:
+        assert "error" not in row, row
+        assert row["shared"] <= H100_SHARED_BYTES, row
+
+
+def test_large_gemm_tiles_lower_to_wgmma_and_the_tma_kernel_to_tma(compiled):
+    for row in compiled:
+        big_tile = row["M"] > 64 and ("'BLOCK_M': 128" in row["config"] or "'BLOCK_M': 256" in row["config"])
+        if row["kernel"] in ("lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel") and big_tile:
+            assert row["wgmma"], row
+        if row["kernel"] == "lora_gemm_tma_kernel":
+            assert row["tma"], row
