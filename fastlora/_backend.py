@@ -4,7 +4,8 @@ Backends:
   ``torch``  plain PyTorch ops with fastlora's custom backward; runs on every device.
   ``triton`` the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   ``cpp``    the C++ CPU kernels in csrc/, built just-in-time on first use.
-  ``auto``   triton on CUDA, cpp on CPU when the extension builds, torch otherwise.
+  ``auto``   on CUDA, per shape class, the faster of triton and torch as measured
+             (``AUTO_ON_CUDA``); cpp on CPU when the extension builds; torch otherwise.
 
 The default comes from the environment variable FASTLORA_BACKEND (``auto`` if unset);
 ``use_backend`` overrides it for a block. A forced backend never falls back silently: it
@@ -81,8 +82,44 @@ def _cpp_reason(device: torch.device) -> str | None:
     return cpp_ops.unavailable_reason()
 
 
-def resolve(device: torch.device) -> str:
-    """The concrete backend (``triton`` | ``torch`` | ``cpp``) for tensors on ``device``."""
+# What ``auto`` runs on CUDA, per shape class (rows of M, columns of r): the faster of the
+# fused Triton path and the cuBLAS-composed torch path in GPU time, from measurements only
+# (../shared/gpu/H100-2026-11-23.md, bf16, H100). A class moves to "triton" when a report
+# (python -m benchmarks.gpu_report) shows the fused path faster there, never on a prediction.
+#   M <= 64, r <= 16: fused decode forward 20.4 us (M=1) / 18.7 us (M=16) against PEFT's
+#                     22.1 / 21.2 us (graph replay, K = N = 4096): triton.
+#   M > 64, every r:  fused fwd+bwd at 0.46-0.98x PEFT's speed (section 2): torch.
+#   M <= 64, r > 16:  not measured: torch.
+# The kernels measured there predate the TMA + persistent GEMMs, which await a GPU run.
+AUTO_ON_CUDA = {
+    ("decode", "r<=16"): "triton",
+    ("decode", "r>16"): "torch",
+    ("large", "r<=16"): "torch",
+    ("large", "r>16"): "torch",
+}
+
+
+def shape_class(M: int, r: int) -> tuple[str, str]:
+    """The row of AUTO_ON_CUDA for M rows of rank-r LoRA."""
+    return ("decode" if M <= 64 else "large", "r<=16" if r <= 16 else "r>16")
+
+
+def _auto_on_cuda(M: int, r: int, dropout: bool) -> str:
+    choice = AUTO_ON_CUDA[shape_class(M, r)]
+    # the torch backend draws its dropout seed on the host: a CUDA graph would replay one mask.
+    # (Traced graphs need no check: Inductor does not CUDA-graph a graph with a CPU random op.)
+    if choice == "torch" and dropout and not torch.compiler.is_compiling() and _capturing():
+        return "triton"
+    return choice
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def resolve(device: torch.device, M: int = 0, r: int = 0, dropout: bool = False) -> str:
+    """The concrete backend (``triton`` | ``torch`` | ``cpp``) for tensors on ``device``; ``auto``
+    on CUDA picks by the shape class of (M rows, rank r) and whether dropout is on."""
     name = current_backend()
     if name == "torch":
         return name
@@ -97,7 +134,7 @@ def resolve(device: torch.device) -> str:
             raise RuntimeError(f"fastlora backend 'cpp' cannot run: {reason}")
         return name
     if device.type == "cuda" and _triton_reason(device) is None:
-        return "triton"
+        return _auto_on_cuda(M, r, dropout)
     if device.type == "cpu" and _cpp_reason(device) is None:
         return "cpp"
     return "torch"

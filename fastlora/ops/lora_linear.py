@@ -199,7 +199,7 @@ def lora_linear(
             "weight; call weight.requires_grad_(False) (fastlora.mark_only_lora_as_trainable does)"
         )
     dropout_p = float(dropout_p) if training else 0.0
-    backend = _backend.resolve(x.device)
+    backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0], dropout_p > 0.0)
     seed = None
     if dropout_p > 0.0:
         # the torch backend seeds a torch.Generator, which takes a Python int: its seed is drawn
