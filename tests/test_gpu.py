@@ -12,12 +12,16 @@ pytestmark = pytest.mark.gpu
 
 GPU_CASES = [
     Case(M=4096, K=1024, N=2048, r=16, dtype=torch.bfloat16),
+    # the three cases that died of OutOfResources in the shrink kernel on an H100 (shared/gpu, 1)
     Case(M=1000, K=1000, N=1000, r=64, dtype=torch.bfloat16, dropout_p=0.1),
+    Case(M=2048, K=1024, N=1024, r=8, dtype=torch.bfloat16, adapter_dtype=torch.float32, dropout_p=0.1),
+    Case(M=300, K=200, N=100, r=16, dtype=torch.float32, dropout_p=0.2),
     Case(M=1, K=4096, N=4096, r=16, dtype=torch.bfloat16),
     Case(M=777, K=333, N=555, r=256, dtype=torch.float16, batch=2, fan_in_fan_out=True),
-    Case(M=2048, K=1024, N=1024, r=8, dtype=torch.bfloat16, adapter_dtype=torch.float32, dropout_p=0.1),
     Case(M=513, K=257, N=129, r=7, dtype=torch.bfloat16, strided=True, bias=False),
-    Case(M=300, K=200, N=100, r=16, dtype=torch.float32, dropout_p=0.2),
+    # TMA + persistent GEMMs: M > 64, aligned rows; r = 64 and 128 take the rank-aware tiles
+    Case(M=2048, K=4096, N=1024, r=64, dtype=torch.bfloat16, dropout_p=0.1),
+    Case(M=1024, K=512, N=2048, r=128, dtype=torch.bfloat16, fan_in_fan_out=True, dropout_p=0.1),
 ]
 
 
@@ -118,3 +122,24 @@ def test_no_host_device_sync_per_call(backend):
             layer(x).sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_config_too_big_for_the_gpu_is_dropped_at_launch(monkeypatch):
+    """A real OutOfResources on the device: the launcher moves on to the next config."""
+    import triton
+
+    from fastlora.ops import launcher, triton_ops
+
+    too_big = triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
+    fits = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: [too_big, fits])
+    launcher.forget_choices()
+    case = Case(M=512, K=256, N=384, r=16, dtype=torch.bfloat16, dropout_p=0.1)
+    inputs = make_inputs(case)
+    ours, mask = fastlora_results_on_cuda(inputs, case, "triton")
+    truth = reference_results_on_cuda(inputs, case, torch.float64, mask)
+    plain = reference_results_on_cuda(inputs, case, case.dtype, mask)
+    assert_2x_rule(ours, truth, plain, case.dtype, label=str(case))
+    chosen = [c for key, c in launcher.chosen_configs().items() if "tma" in key[0] or "grad_input" in key[0]]
+    assert chosen and all(c is fits for c in chosen)
+    launcher.forget_choices()
