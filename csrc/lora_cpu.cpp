@@ -56,12 +56,18 @@ Dropout dropout_of(const std::optional<at::Tensor>& seed, double dropout_p) {
   return {true, seed_value, static_cast<float>(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p))};
 }
 
-// Runs body(chunk, row_begin, row_end) for at most get_num_threads() chunks of whole
-// kBlockRows blocks covering [0, M), in parallel; returns the number of chunks.
+// The number of chunks for_each_row_chunk splits M rows into: at most get_num_threads().
+int64_t row_chunk_count(int64_t M) {
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+}
+
+// Runs body(chunk, row_begin, row_end) for row_chunk_count(M) chunks of whole kBlockRows
+// blocks covering [0, M), in parallel; returns the number of chunks.
 template <typename Body>
 int64_t for_each_row_chunk(int64_t M, const Body& body) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t chunks = row_chunk_count(M);
   const int64_t blocks_per_chunk = (blocks + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const KernelDispatchGuard guard;
@@ -196,6 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
   return {y, S, keep_bits};
 }
 
+// parts (chunks, ...) summed over chunks in order; the one part itself when there is one.
+at::Tensor sum_of_parts(const at::Tensor& parts) { return parts.size(0) == 1 ? parts[0] : parts.sum(0); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& S, const at::Tensor& keep_bits, double scaling, double dropout_p,
@@ -217,13 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
 
   at::Tensor dx = needs_dx ? at::empty({M, K}, x.options()) : x.new_empty({0});
   at::Tensor dbias = needs_dbias ? dy.sum(0) : dy.new_empty({0});
-  const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
-  at::Tensor dA_parts = needs_dA ? at::zeros({max_chunks, r, K}, float_options) : at::Tensor();
-  at::Tensor dB_parts = needs_dB ? at::zeros({max_chunks, N, r}, float_options) : at::Tensor();
+  // one float32 partial sum per chunk of rows, summed in chunk order: no dependence on timing
+  const int64_t chunks = row_chunk_count(M);
+  at::Tensor dA_parts = needs_dA ? at::zeros({chunks, r, K}, float_options) : at::Tensor();
+  at::Tensor dB_parts = needs_dB ? at::zeros({chunks, N, r}, float_options) : at::Tensor();
 
-  int64_t chunks = 0;
   if (needs_dx || needs_dA || needs_dB) {
-    chunks = for_each_row_chunk(M, [&](int64_t chunk, int64_t row_begin, int64_t row_end) {
+    for_each_row_chunk(M, [&](int64_t chunk, int64_t row_begin, int64_t row_end) {
       at::Tensor buffer = at::empty({kBlockRows, K}, float_options);
       std::vector<float> keep(dropout.active ? kBlockRows * K : 0);
       for (int64_t m0 = row_begin; m0 < row_end; m0 += kBlockRows) {
@@ -250,8 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
   if (needs_dx && M > 0) dx.addmm_(dy, fan_in_fan_out ? weight.t() : weight);  // dx += dy W, one GEMM
   at::Tensor dA = lora_A.new_empty({0});
   at::Tensor dB = lora_B.new_empty({0});
-  if (needs_dA) dA = dA_parts.narrow(0, 0, chunks).sum(0).mul_(scaling).to(lora_A.scalar_type());
-  if (needs_dB) dB = dB_parts.narrow(0, 0, chunks).sum(0).mul_(scaling).to(lora_B.scalar_type());
+  if (needs_dA) dA = sum_of_parts(dA_parts).mul_(scaling).to(lora_A.scalar_type());
+  if (needs_dB) dB = sum_of_parts(dB_parts).mul_(scaling).to(lora_B.scalar_type());
   return {dx, dA, dB, dbias};
 }
 
