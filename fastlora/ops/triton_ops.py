@@ -226,8 +226,10 @@ def backward(
     has_dropout = seed is not None and dropout_p > 0.0
     needs_g = needs_dx or needs_dA
     G = x.new_empty((M, R) if needs_g else (0, R), dtype=torch.float32)
-    dB = x.new_zeros((N, R) if needs_dB else (0, R), dtype=torch.float32)
-    dbias = x.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32)
+    # dB and dbias are accumulated atomically in float32: one zeroed buffer (one memset) holds both
+    sums = x.new_zeros((N * R if needs_dB else 0) + (N if needs_dbias else 0), dtype=torch.float32)
+    dB = sums[: N * R].view(N, R) if needs_dB else sums.new_empty((0, R))
+    dbias = sums[N * R if needs_dB else 0:] if needs_dbias else sums.new_empty((0,))
     dx = x.new_empty((M, K) if needs_dx else (0, K))
     dA = lora_A.new_empty((0, K))
     dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
