@@ -65,7 +65,8 @@ def compile_one(name: str, M: int, index: int, r_pad: int) -> dict:
     kernel = kernels()[name][0]
     config = config_list(name, M, r_pad)[index]
     names = {param.name for param in kernel.params}
-    constexprs = {k: v for k, v in {**FLAGS, "R_PAD": r_pad, **config.kwargs}.items() if k in names}
+    flags = {**FLAGS, "FUSED_SHRINK": M <= 64}  # as the launcher sets it: decode fuses the shrink
+    constexprs = {k: v for k, v in {**flags, "R_PAD": r_pad, **config.kwargs}.items() if k in names}
     blocks = config.kwargs
     signature, attrs = {}, {}
     for position, param in enumerate(kernel.params):

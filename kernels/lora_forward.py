@@ -65,12 +65,13 @@ def lora_shrink_kernel(
 @triton.jit(do_not_specialize=["M"])
 def lora_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, y_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_xm, stride_xk,
     stride_wn, stride_wk,
+    stride_ar, stride_ak,
     stride_sm, stride_sr,
     stride_bn, stride_br,
     stride_ym, stride_yn,
@@ -78,6 +79,7 @@ def lora_forward_kernel(
     scaling,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    FUSED_SHRINK: tl.constexpr,
     R_PAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ADAPTER_PRECISION: tl.constexpr,
@@ -87,6 +89,10 @@ def lora_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     """y[m-block, n-block] = x W^T + b + scaling * S B^T, float32 accumulation, one store.
+
+    S (M, r) float32 is read from s_ptr, or, with FUSED_SHRINK (no dropout: the decode path's
+    single launch), accumulated here as x A^T from the same x tiles as the main product and
+    stored by the programs of the first column block.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), programs grouped GROUP_M rows at a time so
     neighbouring programs share W tiles in L2.
@@ -101,14 +107,22 @@ def lora_forward_kernel(
     mask_r = offs_r < R
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         w_t = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n)
         acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
+        if FUSED_SHRINK:
+            a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)
+            s = tl.dot(x.to(a_t.dtype), a_t, s, input_precision=ADAPTER_PRECISION)
 
-    s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
+    if FUSED_SHRINK:
+        if pid_n == 0:
+            store_tile(s_ptr, s, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
+    else:
+        s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
     b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
     lora = tl.dot(s.to(b_t.dtype), b_t, input_precision=ADAPTER_PRECISION)
     acc += scaling * lora

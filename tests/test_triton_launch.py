@@ -69,3 +69,18 @@ def test_the_launcher_picks_tma_only_where_it_can_read(shape, tma):
     assert ({"lora_forward_tma", "lora_grad_input_tma"} <= kernels) == tma
     assert ({"lora_forward_kernel", "lora_grad_input_kernel"} <= kernels) == (not tma)
     launcher.forget_choices()
+
+
+@pytest.mark.parametrize("dropout_p,launches", [(0.0, ["lora_forward_kernel"]),
+                                                (0.2, ["lora_shrink_kernel", "lora_forward_kernel"])])
+def test_decode_forward_is_one_launch_without_dropout(monkeypatch, dropout_p, launches):
+    from fastlora.ops import triton_ops
+
+    seen = []
+    for name in ("lora_shrink_kernel", "lora_forward_kernel"):
+        kernel = getattr(triton_ops, name)
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _name=name, **k: seen.append(_name) or _run(*a, **k))
+    x = torch.randn(3, 40)
+    with fastlora.use_backend("triton"):
+        fastlora.lora_linear(x, torch.randn(24, 40), None, torch.randn(4, 40), torch.randn(24, 4), 0.5, dropout_p, True)
+    assert seen == launches

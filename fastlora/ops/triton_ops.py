@@ -61,6 +61,7 @@ def split_rows(M: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(M, 64), 16, 2 * multiprocessor_count(device) // triton.cdiv(K, 128)))
 
 
+DECODE_ROWS = 64  # M up to this takes the decode path: pointer kernels, a one-launch forward
 _hopper: dict[torch.device, bool] = {}
 _tma_failed: set[tuple] = set()
 
@@ -96,7 +97,7 @@ def gemm_on_tma(
     M, RED = a.shape
     C = out.shape[1]
     R = left.shape[1]
-    if (TensorDescriptor is None or M <= 64 or torch.compiler.is_compiling() or type(a) is not torch.Tensor
+    if (TensorDescriptor is None or M <= DECODE_ROWS or torch.compiler.is_compiling() or type(a) is not torch.Tensor
             or not tma_device(a.device) or not tma_aligned(a, weight, out)):
         return False
     num_sms = multiprocessor_count(a.device)
@@ -166,33 +167,37 @@ def forward(
     has_dropout = seed is not None and dropout_p > 0.0
     keep_bits = keep_bits_for(x, dropout_p, seed)
     describe = describer(M, N, K, R, x=x, lora_A=lora_A)
-    shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
-    launch(
-        lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
-        (x, lora_A, S, seed if has_dropout else S, keep_bits,
-         M, K, R,
-         x.stride(0), x.stride(1),
-         lora_A.stride(0), lora_A.stride(1),
-         S.stride(0), S.stride(1),
-         bits_row_stride(keep_bits),
-         dropout_p),
-        shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
-        lambda: rank_configs(M), describe,
-    )
-    if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
-                   lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
-        return y, S, keep_bits
+    # decode without dropout: one launch, S accumulated inside the forward GEMM
+    fused_shrink = M <= DECODE_ROWS and not has_dropout
+    if not fused_shrink:
+        shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
+        launch(
+            lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
+            (x, lora_A, S, seed if has_dropout else S, keep_bits,
+             M, K, R,
+             x.stride(0), x.stride(1),
+             lora_A.stride(0), lora_A.stride(1),
+             S.stride(0), S.stride(1),
+             bits_row_stride(keep_bits),
+             dropout_p),
+            shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
+            lambda: rank_configs(M), describe,
+        )
+        if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
+                       lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
+            return y, S, keep_bits
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
     forward_meta = dict(
-        HAS_BIAS=bias is not None, R_PAD=r_pad,
+        HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, R_PAD=r_pad,
         INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_B.dtype),
     )
     launch(
         lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
-        (x, weight, bias if bias is not None else y, S, lora_B, y,
+        (x, weight, bias if bias is not None else y, lora_A, S, lora_B, y,
          M, N, K, R,
          x.stride(0), x.stride(1),
          stride_wn, stride_wk,
+         lora_A.stride(0), lora_A.stride(1),
          S.stride(0), S.stride(1),
          lora_B.stride(0), lora_B.stride(1),
          y.stride(0), y.stride(1),
