@@ -120,13 +120,6 @@ def _device_shared_bytes(device: torch.device) -> int:
     return getattr(properties, "shared_memory_per_block_optin", 0) or 48 * 1024
 
 
-def _traced_choice(key: tuple, candidates: Sequence[triton.Config], device: torch.device,
-                   element_bytes: int) -> triton.Config:
-    if key in _chosen:
-        return _chosen[key]
-    return fitting_first(candidates, device, element_bytes)[0]
-
-
 def fitting_first(candidates: Sequence[triton.Config], device: torch.device, element_bytes: int) -> list[triton.Config]:
     """The candidates whose estimated shared memory fits the device first (in their order),
     then the others: no compile is spent on a config known not to fit."""
@@ -172,10 +165,10 @@ def launch(
             del _chosen[key]
     candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
     tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
-    if _tracing():
-        _run(kernel, grid, args, meta, _traced_choice(key, candidates, tensor.device, tensor.element_size()))
-        return
     candidates = fitting_first(candidates, tensor.device, tensor.element_size())
+    if _tracing():  # nothing to launch yet: the first candidate that should fit goes in the graph
+        _run(kernel, grid, args, meta, candidates[0])
+        return
     errors = []
     runnable = []
     saved = _from_disk(key, candidates) if tunable and tuning_enabled() else None
