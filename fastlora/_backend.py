@@ -104,22 +104,9 @@ def shape_class(M: int, r: int) -> tuple[str, str]:
     return ("decode" if M <= 64 else "large", "r<=16" if r <= 16 else "r>16")
 
 
-def _auto_on_cuda(M: int, r: int, dropout: bool) -> str:
-    choice = AUTO_ON_CUDA[shape_class(M, r)]
-    # the torch backend draws its dropout seed on the host: a CUDA graph would replay one mask.
-    # (Traced graphs need no check: Inductor does not CUDA-graph a graph with a CPU random op.)
-    if choice == "torch" and dropout and not torch.compiler.is_compiling() and _capturing():
-        return "triton"
-    return choice
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def resolve(device: torch.device, M: int = 0, r: int = 0, dropout: bool = False) -> str:
+def resolve(device: torch.device, M: int = 0, r: int = 0) -> str:
     """The concrete backend (``triton`` | ``torch`` | ``cpp``) for tensors on ``device``; ``auto``
-    on CUDA picks by the shape class of (M rows, rank r) and whether dropout is on."""
+    on CUDA picks by the shape class of (M rows, rank r)."""
     name = current_backend()
     if name == "torch":
         return name
@@ -134,7 +121,7 @@ def resolve(device: torch.device, M: int = 0, r: int = 0, dropout: bool = False)
             raise RuntimeError(f"fastlora backend 'cpp' cannot run: {reason}")
         return name
     if device.type == "cuda" and _triton_reason(device) is None:
-        return _auto_on_cuda(M, r, dropout)
+        return AUTO_ON_CUDA[shape_class(M, r)]
     if device.type == "cpu" and _cpp_reason(device) is None:
         return "cpp"
     return "torch"

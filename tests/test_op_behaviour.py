@@ -265,6 +265,5 @@ def test_auto_on_cuda_follows_the_measured_table():
         for (M, r), row in {(1, 16): ("decode", "r<=16"), (64, 8): ("decode", "r<=16"), (16, 64): ("decode", "r>16"),
                             (65, 16): ("large", "r<=16"), (8192, 128): ("large", "r>16")}.items():
             assert _backend.shape_class(M, r) == row
-            for dropout in (False, True):
-                assert _backend.resolve(cuda, M, r, dropout) == _backend.AUTO_ON_CUDA[row]
+            assert _backend.resolve(cuda, M, r) == _backend.AUTO_ON_CUDA[row]
     assert set(_backend.AUTO_ON_CUDA.values()) <= {"triton", "torch"}

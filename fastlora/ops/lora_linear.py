@@ -122,9 +122,8 @@ class LoRALinearFunction(torch.autograd.Function):
       db   =  sum over rows of dy                                       (N,)
       dW   is never computed: the base weight is frozen.
 
-    Saved for backward: x, W, A, B (all already alive), S (M x r), the seed and, with dropout
-    on the triton and cpp backends, the keep-mask as bits (M x K / 8 bytes; the torch backend
-    draws its mask again from the seed).
+    Saved for backward: x, W, A, B (all already alive), S (M x r) and, with dropout, the
+    keep-mask as bits (M x K / 8 bytes) and the seed it was drawn from (None on torch).
     """
 
     @staticmethod
@@ -181,8 +180,8 @@ def lora_linear(
 
     Shapes: x (..., K); weight (N, K), or (K, N) when ``fan_in_fan_out``; bias (N,) or None;
     lora_A (r, K); lora_B (N, r). Returns (..., N) in x's dtype. Dropout (rate ``dropout_p``,
-    only when ``training``) applies to the LoRA input only; its mask comes from a seed drawn
-    from torch's generator, so ``torch.manual_seed`` reproduces it. Gradients flow to x, bias,
+    only when ``training``) applies to the LoRA input only; its mask comes from torch's
+    generator (directly, or through a seed drawn from it), so ``torch.manual_seed`` reproduces it. Gradients flow to x, bias,
     lora_A and lora_B; the frozen ``weight`` never gets one (it must not require grad).
     Under ``torch.autocast`` all inputs are cast to the autocast dtype, as ``nn.Linear`` does.
     """
@@ -199,13 +198,10 @@ def lora_linear(
             "weight; call weight.requires_grad_(False) (fastlora.mark_only_lora_as_trainable does)"
         )
     dropout_p = float(dropout_p) if training else 0.0
-    backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0], dropout_p > 0.0)
+    backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0])
     seed = None
-    if dropout_p > 0.0:
-        # the torch backend seeds a torch.Generator, which takes a Python int: its seed is drawn
-        # on the CPU, where reading it never waits for the GPU; the kernels read theirs on x's device
-        seed_device = torch.device("cpu") if backend == "torch" else x.device
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=seed_device)
+    if dropout_p > 0.0 and backend != "torch":  # the torch backend draws its mask from torch's generator
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
     args = (_flatten_rows(x), weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, fan_in_fan_out, backend)
     if autocast:  # the inputs are cast already: the kernels run below autocast
         with torch.autocast(x.device.type, enabled=False):

@@ -14,9 +14,9 @@ Backward: (dy (M, N), x, weight, lora_A, lora_B, S, keep_bits, scaling, dropout_
 
 keep_bits is the dropout keep-mask packed eight elements a byte, (M, ceil(K / 8)) uint8, bit
 k % 8 of byte [m, k // 8] for element (m, k), drawn once by the forward and read by the
-backward (``triton`` and ``cpp``: kernels/dropout.py and csrc/philox.h draw the same bits for
-the same seed); an empty uint8 tensor for the ``torch`` backend, which draws its mask again
-from a seeded torch.Generator, and for every call without dropout.
+backward: ``triton`` and ``cpp`` draw it from ``seed`` (kernels/dropout.py and csrc/philox.h
+give the same bits), ``torch`` from torch's generator (its seed is None). An empty uint8 tensor
+without dropout. Dropout is on iff dropout_p > 0 (lora_linear passes 0 outside training).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def no_keep_bits(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,), dtype=torch.uint8)
 
 
-def keep_bits_for(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+def keep_bits_for(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Uninitialised keep_bits (M, ceil(K / 8)) for x (M, K) when dropout is on, else empty."""
-    if seed is None or dropout_p == 0.0:
+    if dropout_p == 0.0:
         return no_keep_bits(x)
     return x.new_empty((x.shape[0], (x.shape[1] + 7) // 8), dtype=torch.uint8)
 
@@ -62,7 +62,7 @@ def fake_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = x.new_empty((x.shape[0], lora_B.shape[0]))
     S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-    return y, S, keep_bits_for(x, dropout_p, seed) if keeps_mask else no_keep_bits(x)
+    return y, S, keep_bits_for(x, dropout_p) if keeps_mask else no_keep_bits(x)
 
 
 def empty_gradient(like: torch.Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:

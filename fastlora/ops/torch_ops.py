@@ -1,8 +1,10 @@
 """The ``torch`` backend: fastlora's forward and backward in plain PyTorch ops, any device.
 
 Registered as ``fastlora::lora_fwd_torch`` / ``fastlora::lora_bwd_torch`` (schema in
-``schema.py``). Dropout keeps no mask: the keep-mask is drawn from a ``torch.Generator``
-seeded with ``seed`` in the forward and drawn again, identically, in the backward.
+``schema.py``). Dropout: the forward draws the keep-mask once from torch's default generator,
+as ``nn.Dropout`` does (no host-device sync, safe under CUDA-graph capture, reproducible with
+``torch.manual_seed``, replayed by activation checkpointing), and returns it packed eight
+elements a byte (``keep_bits``, M x K / 8 bytes) for the backward. This backend takes no seed.
 """
 
 from __future__ import annotations
@@ -12,23 +14,21 @@ import torch.nn.functional as F
 
 from fastlora.ops.schema import define_ops, empty_gradient, no_keep_bits
 
-define_ops("torch")
+define_ops("torch", keeps_mask=True)
 
 
-def keep_mask(seed: torch.Tensor, rows: int, cols: int, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The boolean keep-mask (rows, cols) of the torch backend for ``seed``: P(keep) = 1 - p.
-
-    ``seed`` is a CPU tensor (lora_linear draws it there), so reading it never syncs with a GPU.
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed.item()))
-    return torch.rand((rows, cols), generator=generator, device=device) >= dropout_p
+def pack_keep_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Boolean keep (M, K) -> uint8 (M, ceil(K / 8)): bit k % 8 of byte [m, k // 8] is keep[m, k]."""
+    rows, cols = keep.shape
+    padded = F.pad(keep.to(torch.uint8), (0, -cols % 8))
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=keep.device)
+    return (padded.view(rows, (cols + 7) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
-def _mask_if_dropout(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor | None:
-    if seed is None or dropout_p == 0.0:
-        return None
-    return keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+def unpack_keep_bits(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of ``pack_keep_bits``: uint8 (M, ceil(K / 8)) -> boolean keep (M, K)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], bits.shape[1] * 8)[:, :cols].bool()
 
 
 def _masked_input(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -50,7 +50,7 @@ def forward(
     """y = x W^T + b + s * S B^T with S = drop(x) A^T; shapes as in ``schema.py``."""
     w = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, w, bias)
-    mask = _mask_if_dropout(x, dropout_p, seed)
+    mask = torch.rand(x.shape, device=x.device) >= dropout_p if dropout_p > 0.0 else None
     S = _masked_input(x, mask, lora_A.dtype) @ lora_A.t()
     if mask is not None:
         S.mul_(1.0 / (1.0 - dropout_p))
@@ -58,7 +58,7 @@ def forward(
         y.addmm_(S, lora_B.t(), alpha=scaling)
     else:
         y = y.to(lora_B.dtype).addmm_(S, lora_B.t(), alpha=scaling).to(x.dtype)
-    return y, S.float(), no_keep_bits(x)
+    return y, S.float(), no_keep_bits(x) if mask is None else pack_keep_bits(mask)
 
 
 def backward(
@@ -80,7 +80,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx = dy W + s (G A) * mask / (1 - p), dA = s G^T drop(x), dB = s dy^T S, G = dy B.
 
-    keep_bits is empty: the mask is drawn again from the seed.
+    keep_bits holds the forward's keep-mask (empty without dropout).
     """
     adapter_dtype = lora_A.dtype
     dy_adapter = dy.to(adapter_dtype)
@@ -92,7 +92,7 @@ def backward(
         dB = (dy_adapter.t() @ S.to(adapter_dtype)) * scaling
     if needs_dx or needs_dA:
         G = dy_adapter @ lora_B
-        mask = _mask_if_dropout(x, dropout_p, seed)
+        mask = unpack_keep_bits(keep_bits, x.shape[1]) if dropout_p > 0.0 else None
         lora_scale = scaling if mask is None else scaling / (1.0 - dropout_p)
         if needs_dA:
             dA = (G.t() @ _masked_input(x, mask, adapter_dtype)).mul_(lora_scale)

@@ -162,10 +162,10 @@ def forward(
     y = x.new_empty((M, N))
     S = x.new_empty((M, R), dtype=torch.float32)
     if M == 0:
-        return y, S, keep_bits_for(x, dropout_p, seed)
+        return y, S, keep_bits_for(x, dropout_p)
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
-    keep_bits = keep_bits_for(x, dropout_p, seed)
+    keep_bits = keep_bits_for(x, dropout_p)
     describe = describer(M, N, K, R, x=x, lora_A=lora_A)
     # decode without dropout: one launch, S accumulated inside the forward GEMM
     fused_shrink = M <= DECODE_ROWS and not has_dropout
