@@ -51,3 +51,14 @@ def test_mask_follows_the_documented_philox_definition(backend, M, K):
     with fastlora.use_backend(backend):
         kept = fastlora.lora_linear(ones, torch.zeros(K, K), None, eye, eye, 1.0, p, True) != 0
     assert np.array_equal(kept.numpy(), expected_mask(seed, M, K, p))
+
+
+@pytest.mark.parametrize("K", [1, 7, 8, 45, 256])
+def test_torch_backend_bits_round_trip(K):
+    """The torch backend keeps its mask as bits: packing then unpacking gives the mask back."""
+    from fastlora.ops.torch_ops import pack_keep_bits, unpack_keep_bits
+
+    keep = torch.rand(5, K, generator=torch.Generator().manual_seed(K)) >= 0.5
+    bits = pack_keep_bits(keep)
+    assert bits.shape == (5, (K + 7) // 8) and bits.dtype == torch.uint8
+    assert torch.equal(unpack_keep_bits(bits, K), keep)

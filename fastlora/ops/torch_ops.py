@@ -20,15 +20,25 @@ define_ops("torch", keeps_mask=True)
 def pack_keep_bits(keep: torch.Tensor) -> torch.Tensor:
     """Boolean keep (M, K) -> uint8 (M, ceil(K / 8)): bit k % 8 of byte [m, k // 8] is keep[m, k]."""
     rows, cols = keep.shape
-    padded = F.pad(keep.to(torch.uint8), (0, -cols % 8))
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=keep.device)
-    return (padded.view(rows, (cols + 7) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
+    as_bytes = keep.to(torch.uint8)
+    if cols % 8:
+        as_bytes = F.pad(as_bytes, (0, -cols % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
+    return (as_bytes.view(rows, (cols + 7) // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def unpack_keep_bits(bits: torch.Tensor, cols: int) -> torch.Tensor:
-    """The inverse of ``pack_keep_bits``: uint8 (M, ceil(K / 8)) -> boolean keep (M, K)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], bits.shape[1] * 8)[:, :cols].bool()
+    """The inverse of ``pack_keep_bits``: uint8 (M, ceil(K / 8)) -> boolean keep (M, K), by a
+    lookup in a (256, 8) table of every byte's bits (built once per device, on the device)."""
+    table = _BIT_TABLES.get(bits.device)
+    if table is None:
+        values = torch.arange(256, device=bits.device)
+        table = _BIT_TABLES[bits.device] = ((values[:, None] >> torch.arange(8, device=bits.device)) & 1).bool()
+    keep = table[bits.long()].view(bits.shape[0], bits.shape[1] * 8)
+    return keep if keep.shape[1] == cols else keep[:, :cols]
 
 
 def _masked_input(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
