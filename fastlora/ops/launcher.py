@@ -157,6 +157,10 @@ def launch(
     first tensor argument).
     """
     config = _chosen.get(key)
+    tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
+    if _tracing():  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
+        _run(kernel, grid, args, meta, config or fitting_first(configs(), tensor.device, tensor.element_size())[0])
+        return
     if config is not None:
         try:
             _run(kernel, grid, args, meta, config)
@@ -164,11 +168,7 @@ def launch(
         except Exception:  # e.g. a new specialisation of the same key that does not fit
             del _chosen[key]
     candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
-    tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
     candidates = fitting_first(candidates, tensor.device, tensor.element_size())
-    if _tracing():  # nothing to launch yet: the first candidate that should fit goes in the graph
-        _run(kernel, grid, args, meta, candidates[0])
-        return
     errors = []
     runnable = []
     saved = _from_disk(key, candidates) if tunable and tuning_enabled() else None
