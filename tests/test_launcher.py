@@ -129,3 +129,18 @@ def test_every_config_list_ends_with_a_config_that_fits_small_gpus():
             for candidates in lists:
                 assert 1 <= len(candidates) <= 4
                 assert estimated_shared_bytes(candidates[-1], 4) <= 99 * 1024
+
+
+def test_tracing_with_fake_tensors_puts_one_config_in_the_graph(monkeypatch, launcher):
+    """While a tracer runs the launcher on fake tensors nothing can launch: the first candidate
+    is recorded once, nothing is tried and dropped, nothing is remembered as chosen."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recorded = []
+    monkeypatch.setattr(launcher, "_run", lambda kernel, grid, args, meta, config: recorded.append(config))
+    first, second = gemm(16), gemm(32)
+    with FakeTensorMode():
+        x = torch.empty(8, 8)
+        launcher.launch(object(), lambda c: (1,), (x,), {}, ("kernel", 1), lambda: [first, second], lambda: "")
+    assert recorded == [first]
+    assert launcher.chosen_configs() == {}

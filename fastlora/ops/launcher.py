@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from fastlora.kernels.configs import estimated_shared_bytes, interpreting
@@ -62,8 +63,9 @@ def _run(kernel, grid: Grid, args: Args, meta: dict, config: triton.Config) -> N
     wrap_triton(kernel)[launch_grid](*arguments, **meta, **config_kwargs(config))
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
+def _tracing(tensor: torch.Tensor) -> bool:
+    """torch.compile (or any tracer with fake tensors) is tracing: nothing can run yet."""
+    return torch.compiler.is_compiling() or is_fake(tensor)
 
 
 def tuning_enabled() -> bool:
@@ -158,7 +160,7 @@ def launch(
     """
     config = _chosen.get(key)
     tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
-    if _tracing():  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
+    if _tracing(tensor):  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
         _run(kernel, grid, args, meta, config or fitting_first(configs(), tensor.device, tensor.element_size())[0])
         return
     if config is not None:
