@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import fastlora
 import fastlora.reference as reference
 from fastlora._backend import AUTO_ON_CUDA, shape_class
 from benchmarks import end_to_end, harness, overhead
@@ -118,24 +119,20 @@ def run_gpu_tests(device: str) -> str:
 
 
 def parity(s: Shape, device: str) -> dict:
-    """Max error of fastlora and of plain PyTorch, both in bf16 (fp16 on CPU: no bf16 tl.dot in
-    the interpreter), against the fp32 reference on the same rounded inputs; y, dx, dA, dB."""
+    """Max error of the fused path (backend ``triton``) and of plain PyTorch, both in bf16 on a GPU
+    (fp32 on a CPU), against the fp32 reference on the same rounded inputs; y, dx, dA, dB."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     w = make_weights(s, dtype, device)
     x = torch.randn(s.M, s.K, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
     dy = torch.randn(s.M, s.N, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    runs = {"truth": (torch.float32, reference.lora_linear), "plain": (dtype, reference.lora_linear),
+            "fastlora": (dtype, fastlora.lora_linear)}
     results = {}
-    for name, dt, fn in (("truth", torch.float32, reference.lora_linear), ("plain", dtype, reference.lora_linear),
-                         ("fastlora", dtype, None)):
-        leaves = [t.to(dt).clone().requires_grad_(i != 1) for i, t in enumerate((x, w.weight, w.lora_A, w.lora_B))]
-        xi, weight, A, B = leaves
-        if fn is None:
-            import fastlora
-
-            y = fastlora.lora_linear(xi, weight, None, A, B, w.scaling)
-        else:
+    for name, (dt, fn) in runs.items():
+        xi, weight, A, B = (t.to(dt).clone().requires_grad_(i != 1) for i, t in enumerate((x, w.weight, w.lora_A, w.lora_B)))
+        with fastlora.use_backend("triton"):
             y = fn(xi, weight, None, A, B, w.scaling)
-        y.backward(dy.to(dt))
+            y.backward(dy.to(dt))
         results[name] = {"y": y.detach().float(), "dx": xi.grad.float(), "dA": A.grad.float(), "dB": B.grad.float()}
     row = {}
     for key, truth in results["truth"].items():
@@ -197,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines += ["## Tests", "", f"`pytest -m gpu tests/test_gpu.py`: {run_gpu_tests(device)}", ""]
 
-    lines += ["## Parity (p = 0): max error against an fp32 reference, fastlora / plain PyTorch", "",
+    lines += ["## Parity (p = 0): max error against an fp32 reference, fused / plain PyTorch", "",
               "| M, K, N, r | y | dx | dA | dB | within 2x |", "|---|---|---|---|---|---|"]
     for s in plan.parity:
         row = parity(s, device)
