@@ -26,7 +26,7 @@ import torch.utils.cpp_extension
 
 from fastlora.ops.schema import define_ops
 
-define_ops("cpp", keeps_mask=True)
+define_ops("cpp")
 
 SOURCES = ("lora_cpu.cpp", "philox.cpp")
 _NOT_TRIED = "not tried yet"

@@ -63,7 +63,7 @@ def _run(kernel, grid: Grid, args: Args, meta: dict, config: triton.Config) -> N
     wrap_triton(kernel)[launch_grid](*arguments, **meta, **config_kwargs(config))
 
 
-def _tracing(tensor: torch.Tensor) -> bool:
+def tracing(tensor: torch.Tensor) -> bool:
     """torch.compile (or any tracer with fake tensors) is tracing: nothing can run yet."""
     return torch.compiler.is_compiling() or is_fake(tensor)
 
@@ -160,7 +160,7 @@ def launch(
     """
     config = _chosen.get(key)
     tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
-    if _tracing(tensor):  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
+    if tracing(tensor):  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
         _run(kernel, grid, args, meta, config or fitting_first(configs(), tensor.device, tensor.element_size())[0])
         return
     if config is not None:

@@ -181,8 +181,9 @@ def lora_linear(
     Shapes: x (..., K); weight (N, K), or (K, N) when ``fan_in_fan_out``; bias (N,) or None;
     lora_A (r, K); lora_B (N, r). Returns (..., N) in x's dtype. Dropout (rate ``dropout_p``,
     only when ``training``) applies to the LoRA input only; its mask comes from torch's
-    generator (directly, or through a seed drawn from it), so ``torch.manual_seed`` reproduces it. Gradients flow to x, bias,
-    lora_A and lora_B; the frozen ``weight`` never gets one (it must not require grad).
+    generator (directly, or through a seed drawn from it), so ``torch.manual_seed`` reproduces
+    it. Gradients flow to x, bias, lora_A and lora_B; the frozen ``weight`` never gets one (it
+    must not require grad).
     Under ``torch.autocast`` all inputs are cast to the autocast dtype, as ``nn.Linear`` does.
     """
     _check_tensor("x", x)

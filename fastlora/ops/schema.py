@@ -21,8 +21,6 @@ without dropout. Dropout is on iff dropout_p > 0 (lora_linear passes 0 outside t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 FORWARD_SCHEMA = (
@@ -58,11 +56,10 @@ def fake_forward(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
-    keeps_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = x.new_empty((x.shape[0], lora_B.shape[0]))
     S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-    return y, S, keep_bits_for(x, dropout_p) if keeps_mask else no_keep_bits(x)
+    return y, S, keep_bits_for(x, dropout_p)
 
 
 def empty_gradient(like: torch.Tensor, needed: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -97,15 +94,9 @@ def fake_backward(
     )
 
 
-def define_ops(backend: str, keeps_mask: bool = False) -> None:
-    """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels.
-
-    ``keeps_mask``: the backend's forward returns the keep-mask as bits (see keep_bits above).
-    """
-    for kind, schema, fake in (
-        ("fwd", FORWARD_SCHEMA, functools.partial(fake_forward, keeps_mask=keeps_mask)),
-        ("bwd", BACKWARD_SCHEMA, fake_backward),
-    ):
+def define_ops(backend: str) -> None:
+    """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels."""
+    for kind, schema, fake in (("fwd", FORWARD_SCHEMA, fake_forward), ("bwd", BACKWARD_SCHEMA, fake_backward)):
         name = f"fastlora::lora_{kind}_{backend}"
         torch.library.define(name, schema)
         torch.library.register_fake(name, fake)

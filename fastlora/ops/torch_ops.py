@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastlora.ops.schema import define_ops, empty_gradient, no_keep_bits
 
-define_ops("torch", keeps_mask=True)
+define_ops("torch")
 
 
 def pack_keep_bits(keep: torch.Tensor) -> torch.Tensor:

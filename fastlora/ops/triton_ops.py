@@ -29,7 +29,7 @@ from fastlora.kernels.configs import gemm_configs, rank_configs
 from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
 from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
 from fastlora.kernels.lora_gemm_tma import lora_gemm_tma_kernel
-from fastlora.ops.launcher import launch, m_bucket, multiprocessor_count
+from fastlora.ops.launcher import launch, m_bucket, multiprocessor_count, tracing
 from fastlora.ops.schema import keep_bits_for
 
 
@@ -97,8 +97,8 @@ def gemm_on_tma(
     M, RED = a.shape
     C = out.shape[1]
     R = left.shape[1]
-    if (TensorDescriptor is None or M <= DECODE_ROWS or torch.compiler.is_compiling() or type(a) is not torch.Tensor
-            or not tma_device(a.device) or not tma_aligned(a, weight, out)):
+    if (TensorDescriptor is None or M <= DECODE_ROWS or tracing(a) or not tma_device(a.device)
+            or not tma_aligned(a, weight, out)):
         return False
     num_sms = multiprocessor_count(a.device)
     r_pad = padded_rank(R)
@@ -161,11 +161,11 @@ def forward(
     N, R = lora_B.shape
     y = x.new_empty((M, N))
     S = x.new_empty((M, R), dtype=torch.float32)
+    keep_bits = keep_bits_for(x, dropout_p)
     if M == 0:
-        return y, S, keep_bits_for(x, dropout_p)
+        return y, S, keep_bits
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
-    keep_bits = keep_bits_for(x, dropout_p)
     describe = describer(M, N, K, R, x=x, lora_A=lora_A)
     # decode without dropout: one launch, S accumulated inside the forward GEMM
     fused_shrink = M <= DECODE_ROWS and not has_dropout
