@@ -7,9 +7,10 @@ Backends:
   ``auto``   on CUDA, per shape class, the faster of triton and torch as measured
              (``AUTO_ON_CUDA``); cpp on CPU when the extension builds; torch otherwise.
 
-The default comes from the environment variable FASTLORA_BACKEND (``auto`` if unset);
-``use_backend`` overrides it for a block. A forced backend never falls back silently: it
-runs or raises ``RuntimeError`` saying why.
+The default comes from the environment variable FASTLORA_BACKEND (``auto`` if unset or
+empty; names are case-insensitive, checked once per value); ``use_backend`` overrides it for
+a block, in the calling thread only. A forced backend never falls back silently: it runs or
+raises ``RuntimeError`` saying why.
 """
 
 from __future__ import annotations
@@ -17,30 +18,48 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
 
-_stack: list[str] = []
+# use_backend's nesting, per thread: a tuple of names, innermost last. threading.local rather
+# than a ContextVar because torch.compile(fullgraph=True) traces (and guards on) the former and
+# cannot trace ContextVar.get.
+_local = threading.local()
+# FASTLORA_BACKEND's last raw value and its checked name, so a value is checked once
+_env = {"raw": None, "name": "auto"}
 
 # Looked up once, at import: ``importlib.util.find_spec`` in the per-call path breaks a
 # torch.compile(fullgraph=True) graph on torch 2.11.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
+def _check_name(name: object, source: str) -> str:
+    """``name`` lower-cased and stripped if it is one of BACKENDS, else ValueError naming ``source``."""
+    normal = name.strip().lower() if isinstance(name, str) else None
+    if normal not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} (any case), got {name!r}")
+    return normal
+
+
+def _env_backend() -> str:
+    """FASTLORA_BACKEND's backend (``auto`` when unset or empty), checked once per value."""
+    raw = os.environ.get("FASTLORA_BACKEND", "")
+    if raw != _env["raw"]:
+        name = _check_name(raw, "FASTLORA_BACKEND") if raw.strip() else "auto"
+        _env["raw"], _env["name"] = raw, name
+    return _env["name"]
 
 
 def current_backend() -> str:
-    """The backend name in force: the innermost ``use_backend``, else FASTLORA_BACKEND."""
-    if _stack:
-        return _stack[-1]
-    return _check_name(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+    """The backend name in force: this thread's innermost ``use_backend``, else FASTLORA_BACKEND."""
+    stack = getattr(_local, "stack", ())
+    if stack:
+        return stack[-1]
+    return _env_backend()
 
 
 @contextlib.contextmanager
@@ -50,11 +69,12 @@ def use_backend(name: str) -> Iterator[None]:
     >>> with fastlora.use_backend("torch"):
     ...     y = layer(x)
     """
-    _stack.append(_check_name(name, "backend"))
+    outer = getattr(_local, "stack", ())
+    _local.stack = outer + (_check_name(name, "backend"),)
     try:
         yield
     finally:
-        _stack.pop()
+        _local.stack = outer
 
 
 def triton_interpreted() -> bool:

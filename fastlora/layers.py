@@ -11,12 +11,45 @@ lora_A (r, in_features) and lora_B (out_features, r) beside the wrapped layer's 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora.ops.lora_linear import lora_linear
+
+
+def as_rank(r: object, minimum: int = 0) -> int:
+    """``r`` as a Python int (numpy and 0-d integer tensor scalars included), else ValueError."""
+    try:
+        value = operator.index(r)
+    except TypeError:
+        value = None
+    if value is None or isinstance(r, bool) or value < minimum:
+        raise ValueError(f"r must be an integer >= {minimum}, got {r!r}")
+    return value
+
+
+def as_number(name: str, value: object) -> int | float:
+    """A real ``value`` (Python, numpy or a one-element tensor) as a Python int or float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def as_dropout(value: object) -> float:
+    """A dropout rate in [0, 1) as a Python float, else ValueError naming lora_dropout."""
+    try:
+        p = float(as_number("lora_dropout", value))
+    except TypeError:
+        p = None
+    if p is None or not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {value!r}")
+    return p
 
 
 class LoRALayer:
@@ -30,10 +63,9 @@ class LoRALayer:
         merge_weights: bool,
         use_rslora: bool = False,
     ) -> None:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"r must be an integer >= 0, got {r!r}")
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+        r = as_rank(r)
+        lora_alpha = as_number("lora_alpha", lora_alpha)
+        lora_dropout = as_dropout(lora_dropout)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora

@@ -13,7 +13,7 @@ import re
 import torch
 import torch.nn as nn
 
-from fastlora.layers import Linear, LoRALayer, mark_only_lora_as_trainable
+from fastlora.layers import Linear, LoRALayer, as_dropout, as_number, as_rank, mark_only_lora_as_trainable
 
 CONFIG_ATTRIBUTE = "fastlora_config"
 
@@ -82,10 +82,9 @@ def inject(
     ``fan_in_fan_out`` defaults to what each layer is (True for Conv1D). ``adapter_dtype``
     (e.g. torch.float32) keeps A and B in another dtype than the base weight.
     """
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    r = as_rank(r, minimum=1)
+    lora_alpha = as_number("lora_alpha", lora_alpha)
+    lora_dropout = as_dropout(lora_dropout)
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
     if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from fastlora import _backend
+from fastlora import _backend, reference
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SEED_HIGH = 2**62
 
 
@@ -18,7 +20,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
 
 
@@ -77,9 +79,9 @@ def validate(
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a real number (a Python or numpy float), got {type(scaling).__name__}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
@@ -124,6 +126,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
     Saved for backward: x, W, A, B (all already alive), S (M x r) and, with dropout, the
     keep-mask as bits (M x K / 8 bytes) and the seed it was drawn from (None on torch).
+
+    Double backward (``create_graph=True``): the same formulas run as differentiable torch
+    ops on every backend, with S recomputed from x and A (the saved S carries no graph), so
+    second-order gradients flow to dy, x, A and B.
     """
 
     @staticmethod
@@ -143,7 +149,13 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
         needs_dbias = needs_dbias and ctx.has_bias
-        _, backward_op = _ops(ctx.backend, dy)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
+            from fastlora.ops import torch_ops
+
+            backward_op = torch_ops.backward
+            S = torch_ops.recompute_S(x, lora_A, keep_bits, ctx.dropout_p)
+        else:
+            _, backward_op = _ops(ctx.backend, dy)
         dx, dA, dB, dbias = backward_op(
             dy, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
             needs_dx, needs_dA, needs_dB, needs_dbias,
@@ -156,6 +168,23 @@ class LoRALinearFunction(torch.autograd.Function):
             dB if needs_dB else None,
             None, None, None, None, None,
         )
+
+
+def plain_autograd_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why this call must run the reference math in plain autograd, or None.
+
+    The fused op (every backend's) takes a frozen weight in float16 / bfloat16 / float32 and
+    plain tensors; loralib code that trains W too, float64 models (``model.double()``,
+    ``gradcheck``) and torch.func transforms (``vmap``, ``grad``) run the reference math, which
+    autograd and torch.func differentiate and batch like any torch code.
+    """
+    if x.dtype == torch.float64:
+        return "float64 tensors"
+    if weight.requires_grad and torch.is_grad_enabled():
+        return "a weight that requires grad (the fused op never computes dW)"
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform (vmap / grad / jacrev)"
+    return None
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -182,23 +211,28 @@ def lora_linear(
     lora_A (r, K); lora_B (N, r). Returns (..., N) in x's dtype. Dropout (rate ``dropout_p``,
     only when ``training``) applies to the LoRA input only; its mask comes from torch's
     generator (directly, or through a seed drawn from it), so ``torch.manual_seed`` reproduces
-    it. Gradients flow to x, bias, lora_A and lora_B; the frozen ``weight`` never gets one (it
-    must not require grad).
+    it. Gradients flow to x, bias, lora_A and lora_B; the frozen ``weight`` gets none.
     Under ``torch.autocast`` all inputs are cast to the autocast dtype, as ``nn.Linear`` does.
+    A weight that requires grad, float64 tensors and torch.func transforms run the reference
+    math in plain autograd (``plain_autograd_reason``) under ``auto`` and ``torch``; a forced
+    ``triton`` / ``cpp`` backend raises for them.
     """
     _check_tensor("x", x)
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "weight requires grad, but lora_linear never computes a gradient for the frozen base "
-            "weight; call weight.requires_grad_(False) (fastlora.mark_only_lora_as_trainable does)"
-        )
+    plain_reason = plain_autograd_reason(x, weight)
+    if plain_reason is not None:
+        forced = _backend.current_backend()
+        if forced in ("triton", "cpp"):
+            raise RuntimeError(f"fastlora backend {forced!r} cannot run {plain_reason}; use 'torch' or 'auto'")
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), training, fan_in_fan_out)
     dropout_p = float(dropout_p) if training else 0.0
+    if bias is not None and not bias.is_contiguous():  # the kernels read bias as a dense (N,) vector
+        bias = bias.contiguous()
     backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0])
     seed = None
     if dropout_p > 0.0 and backend != "torch":  # the torch backend draws its mask from torch's generator

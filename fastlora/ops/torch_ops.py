@@ -71,6 +71,14 @@ def forward(
     return y, S.float(), no_keep_bits(x) if mask is None else pack_keep_bits(mask)
 
 
+def recompute_S(x: torch.Tensor, lora_A: torch.Tensor, keep_bits: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """S = drop(x) A^T (M, r) in float32 from x, A and the forward's keep_bits, as
+    differentiable ops (double backward needs S's dependence on x and A)."""
+    mask = unpack_keep_bits(keep_bits, x.shape[1]) if dropout_p > 0.0 else None
+    S = _masked_input(x, mask, lora_A.dtype) @ lora_A.t()
+    return S.float() if mask is None else S.float() / (1.0 - dropout_p)
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
