@@ -148,7 +148,8 @@ class Linear(nn.Linear, LoRALayer):
 
         ``base`` is an nn.Linear (weight (out, in)) or, with ``fan_in_fan_out=True``, a layer
         storing its weight as (in, out) such as Hugging Face's Conv1D. A and B are created on
-        the weight's device in ``adapter_dtype`` (default: the weight's dtype).
+        the weight's device in ``adapter_dtype`` (default: the weight's dtype). ``base_class``
+        remembers ``type(base)``, the class ``fastlora.merge_and_unload`` gives back.
         """
         weight = base.weight
         in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
@@ -160,6 +161,7 @@ class Linear(nn.Linear, LoRALayer):
         layer.weight = weight
         layer.bias = base.bias
         layer.fan_in_fan_out = fan_in_fan_out
+        layer.base_class = type(base)
         LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         dtype = adapter_dtype or weight.dtype
         layer.lora_A = nn.Parameter(torch.empty((r, in_features), device=weight.device, dtype=dtype))

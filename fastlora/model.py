@@ -4,18 +4,44 @@
 weight is stored (in, out)) in place by ``fastlora.Linear`` layers that share the original
 weight and bias Parameters, so the model keeps its state-dict keys and still loads its base
 checkpoint; the LoRA parameters are added as ``<module>.lora_A`` / ``<module>.lora_B``.
+Modules in ``modules_to_save`` (e.g. a classifier head) stay where they are and train whole.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 
-from fastlora.layers import Linear, LoRALayer, as_dropout, as_number, as_rank, mark_only_lora_as_trainable
+from fastlora.layers import (
+    ConvLoRA,
+    Embedding,
+    Linear,
+    LoRALayer,
+    MergedLinear,
+    as_dropout,
+    as_number,
+    as_rank,
+    mark_only_lora_as_trainable,
+)
 
 CONFIG_ATTRIBUTE = "fastlora_config"
+ALL_LINEAR = "all-linear"
+# PEFT's task types by the Hugging Face class name's ending, and the heads PEFT trains whole
+# (modules_to_save) by default for each
+TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+)
+DEFAULT_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                           "QUESTION_ANS": ["qa_outputs"]}
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -23,8 +49,14 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and hasattr(module, "nf")
 
 
-def is_target_candidate(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, LoRALayer)
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a Hugging Face model, from its class name (None if unknown)."""
+    name = type(model).__name__
+    return next((task for ending, task in TASK_TYPES if name.endswith(ending)), None)
 
 
 def name_matches(name: str, target_modules: str | list[str]) -> bool:
@@ -40,19 +72,49 @@ def _check_targets(target_modules) -> str | list[str]:
         return target_modules
     if isinstance(target_modules, (list, tuple, set)) and target_modules and all(isinstance(t, str) for t in target_modules):
         return sorted(target_modules) if isinstance(target_modules, set) else list(target_modules)
-    raise TypeError(f"target_modules must be a regex string or a non-empty list of module names, got {target_modules!r}")
+    raise TypeError(f"target_modules must be a regex string, 'all-linear' or a non-empty list of module names, got {target_modules!r}")
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """The names of the model's output projection (lm_head), which 'all-linear' leaves out."""
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if output is not None and m is output}
+
+
+def _dead_linear_names(model: nn.Module) -> set[str]:
+    """Linear modules whose forward is never called: nn.MultiheadAttention reads its
+    ``out_proj`` weight directly, so an adapter there would have no effect."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Names of the modules ``inject`` would replace; ValueError naming the targets if none."""
+    """Names of the modules ``inject`` would replace, checked: ValueError naming the targets
+    if none match, a module that already has a LoRA adapter, or one whose forward never runs.
+
+    ``"all-linear"`` (PEFT's idiom) selects every linear layer except the output layer.
+    """
     target_modules = _check_targets(target_modules)
-    names = [n for n, m in model.named_modules() if n and name_matches(n, target_modules) and is_target_candidate(m)]
+    dead = _dead_linear_names(model)
+    if target_modules == ALL_LINEAR:
+        skip = _output_layer_names(model) | dead
+        names = [n for n, m in model.named_modules() if n and is_linear(m) and n not in skip]
+    else:
+        names = [n for n, m in model.named_modules() if n and name_matches(n, target_modules) and is_linear(m)]
     if not names:
-        sample = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))][:8]
+        sample = [n for n, m in model.named_modules() if n and is_linear(m)][:8]
         raise ValueError(
             f"target_modules {target_modules!r} match no nn.Linear or Conv1D module of the model; "
             f"its linear modules include: {sample or 'none'}"
         )
+    existing = [n for n in names if isinstance(model.get_submodule(n), LoRALayer)]
+    if existing:
+        raise ValueError(f"module {existing[0]!r} already has a LoRA adapter (of {len(existing)} matched); "
+                         "inject each module once, or fastlora.load_adapter to replace its weights")
+    never_called = [n for n in names if n in dead]
+    if never_called:
+        raise ValueError(f"module {never_called[0]!r} is nn.MultiheadAttention's out_proj, whose weight the "
+                         "attention reads directly: an adapter there would never run; target other modules")
     return names
 
 
@@ -60,6 +122,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    """Module names matching ``modules_to_save`` (PEFT's list rule); the names of the entries
+    that match none are ignored, as PEFT does for its per-task defaults."""
+    if not modules_to_save:
+        return []
+    if isinstance(modules_to_save, str) or not all(isinstance(m, str) for m in modules_to_save):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    return [n for n, m in model.named_modules() if n and name_matches(n, list(modules_to_save)) and not isinstance(m, LoRALayer)]
 
 
 def inject(
@@ -72,15 +144,21 @@ def inject(
     use_rslora: bool = False,
     fan_in_fan_out: bool | None = None,
     adapter_dtype: torch.dtype | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Add LoRA adapters to ``model`` in place and return it.
 
     Every ``nn.Linear`` / ``Conv1D`` whose name matches ``target_modules`` (PEFT's rule: a
-    regex string, or a list of names or dotted name suffixes) becomes a ``fastlora.Linear``
-    with ``merge_weights=False`` sharing the original weight and bias; then every parameter but
-    the LoRA ones (and the biases ``bias`` asks for: "none" | "all" | "lora_only") is frozen.
-    ``fan_in_fan_out`` defaults to what each layer is (True for Conv1D). ``adapter_dtype``
-    (e.g. torch.float32) keeps A and B in another dtype than the base weight.
+    regex string, ``"all-linear"`` for every linear layer but the output layer, or a list of
+    names or dotted name suffixes) becomes a ``fastlora.Linear`` with ``merge_weights=False``
+    sharing the original weight and bias; then every parameter but the LoRA ones (and the
+    biases ``bias`` asks for: "none" | "all" | "lora_only", and the modules of
+    ``modules_to_save``) is frozen. ``modules_to_save`` defaults to PEFT's heads for the
+    model's task (``classifier`` / ``score`` for sequence and token classification,
+    ``qa_outputs`` for question answering); those modules train whole and are saved with the
+    adapter. ``fan_in_fan_out`` defaults to what each layer is (True for Conv1D).
+    ``adapter_dtype`` (e.g. torch.float32) keeps A and B in another dtype than the base weight.
+    Nothing changes when an argument or target is wrong.
     """
     r = as_rank(r, minimum=1)
     lora_alpha = as_number("lora_alpha", lora_alpha)
@@ -90,6 +168,13 @@ def inject(
     if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"adapter_dtype must be None, float32, float16 or bfloat16, got {adapter_dtype}")
     names = find_targets(model, target_modules)
+    task = task_type(model)
+    if modules_to_save is None:
+        modules_to_save = DEFAULT_MODULES_TO_SAVE.get(task)
+    heads = find_modules_to_save(model, modules_to_save)
+    clash = sorted(set(heads) & set(names))
+    if clash:
+        raise ValueError(f"module {clash[0]!r} is both a LoRA target and in modules_to_save")
     layout = {}
     for name in names:
         detected = is_conv1d(model.get_submodule(name))
@@ -105,12 +190,12 @@ def inject(
         )
         layer.train(base.training)
         _set_submodule(model, name, layer)
+    saved = getattr(model, CONFIG_ATTRIBUTE, {})
+    heads = sorted(set(saved.get("modules_to_save", [])) | set(heads))
     mark_only_lora_as_trainable(model, bias=bias)
-    setattr(model, CONFIG_ATTRIBUTE, {
-        "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "bias": bias,
-        "use_rslora": use_rslora, "fan_in_fan_out": any(layout.values()),
-        "target_modules": _check_targets(target_modules),
-    })
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
+    setattr(model, CONFIG_ATTRIBUTE, {"bias": bias, "modules_to_save": heads, "task_type": task})
     return model
 
 
@@ -118,9 +203,27 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and getattr(m, "r", 0) > 0]
 
 
+def _tied_names(model: nn.Module, weight: torch.Tensor, own: str) -> list[str]:
+    """Other parameter names of ``model`` that share ``weight``'s storage (tied weights)."""
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if n != own and p.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()]
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Add scaling * B A into every LoRA layer's weight (in float32, rounded once)."""
-    for _, layer in lora_layers(model):
+    """Add scaling * B A into every LoRA layer's weight (in float32, rounded once).
+
+    Warns when a merged weight is tied to another module's (e.g. lm_head to embed_tokens):
+    merging changes both, as in PEFT.
+    """
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            weight = layer._base_weight()
+            own = f"{name}.conv.weight" if isinstance(layer, ConvLoRA) else f"{name}.weight"
+            tied = _tied_names(model, weight, own)
+            if tied:
+                warnings.warn(f"fastlora.merge: the weight of {name!r} is tied to {tied}; merging its adapter "
+                              "changes those too (untie the weights first to merge only this layer)", UserWarning,
+                              stacklevel=2)
         layer._set_merged(True)
     return model
 
@@ -132,22 +235,59 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then replace each ``fastlora.Linear`` by a plain ``nn.Linear`` (in place).
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.detach(), requires_grad=False)
 
-    A fan_in_fan_out layer (from a Conv1D) becomes an nn.Linear holding the transposed weight.
+
+def _plain_linear(layer: nn.Linear) -> nn.Module:
+    """The plain layer a merged Linear / MergedLinear becomes: the Conv1D it came from (same
+    (in, out) weight, so ``save_pretrained`` / ``from_pretrained`` round-trip), else nn.Linear."""
+    weight = layer.weight.detach()
+    base_class = getattr(layer, "base_class", nn.Linear)
+    with torch.device("meta"):
+        if layer.fan_in_fan_out and base_class.__name__ == "Conv1D":
+            plain = base_class(layer.out_features, layer.in_features)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=weight.dtype)
+            weight = weight.t().contiguous() if layer.fan_in_fan_out else weight
+    plain.weight = _frozen(weight)
+    plain.bias = layer.bias
+    return plain
+
+
+def _plain_embedding(layer: Embedding) -> nn.Embedding:
+    with torch.device("meta"):
+        plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+                             max_norm=layer.max_norm, norm_type=layer.norm_type,
+                             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+    plain.weight = _frozen(layer.weight)
+    return plain
+
+
+def _plain_module(layer: LoRALayer) -> nn.Module:
+    if isinstance(layer, (Linear, MergedLinear)):
+        return _plain_linear(layer)
+    if isinstance(layer, Embedding):
+        return _plain_embedding(layer)
+    if isinstance(layer, ConvLoRA):
+        return layer.conv
+    raise TypeError(f"merge_and_unload does not know how to unload a {type(layer).__name__}")
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then replace every LoRA layer by the plain layer it wraps (in place).
+
+    ``Linear`` / ``MergedLinear`` become ``nn.Linear`` (an injected Conv1D stays a Conv1D, as
+    in PEFT), ``Embedding`` an ``nn.Embedding``, ``Conv*d`` their inner convolution. Every
+    layer is checked before any changes.
     """
+    layers = lora_layers(model)
+    for name, layer in layers:
+        if not isinstance(layer, (Linear, MergedLinear, Embedding, ConvLoRA)):
+            raise TypeError(f"merge_and_unload does not know how to unload {name!r}, a {type(layer).__name__}")
     merge(model)
-    for name, layer in lora_layers(model):
-        if not isinstance(layer, Linear):
-            raise TypeError(f"merge_and_unload handles fastlora.Linear layers; {name!r} is a {type(layer).__name__}")
-        weight = layer.weight.detach()
-        if layer.fan_in_fan_out:
-            weight = weight.t().contiguous()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device="meta", dtype=weight.dtype)
-        plain.weight = nn.Parameter(weight, requires_grad=False)
-        plain.bias = layer.bias
+    for name, layer in layers:
+        plain = _plain_module(layer)
         plain.train(layer.training)
         _set_submodule(model, name, plain)
     if hasattr(model, CONFIG_ATTRIBUTE):

@@ -2,8 +2,9 @@
 
 A PEFT LoRA adapter is a directory with ``adapter_config.json`` (peft_type "LORA", r,
 lora_alpha, target_modules, ...) and ``adapter_model.safetensors`` whose keys are
-``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)
-(plus ``<module path>.bias`` when biases are trained).
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r),
+plus, when biases are trained, ``<LoRA module path>.base_layer.bias`` and ``<other module
+path>.bias``, and the whole modules of ``modules_to_save`` as ``<module path>.<parameter>``.
 """
 
 from __future__ import annotations
@@ -13,17 +14,29 @@ import os
 import pathlib
 import re
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
 
-from fastlora.layers import Linear
-from fastlora.model import CONFIG_ATTRIBUTE, _set_submodule, inject, is_conv1d, lora_layers
+from fastlora.layers import Linear, LoRALayer
+from fastlora.model import (
+    CONFIG_ATTRIBUTE,
+    _set_submodule,
+    find_modules_to_save,
+    inject,
+    is_conv1d,
+    is_linear,
+    lora_layers,
+    name_matches,
+    task_type,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+LORA_BIAS = ".base_layer.bias"  # PEFT's key for the bias of a layer that carries LoRA
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
@@ -38,50 +51,93 @@ def _atomic_write(path: pathlib.Path, write) -> None:
             os.unlink(tmp)
 
 
-def adapter_config(model: nn.Module) -> dict:
-    """PEFT's adapter_config.json for the LoRA layers of ``model``."""
+def _saved_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """target_modules that select exactly the LoRA layers ``names``: their last name parts
+    when those match no other linear module, else the full names."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    matched = {n for n, m in model.named_modules() if n and is_linear(m) and name_matches(n, leaves)}
+    return leaves if matched == set(names) else sorted(names)
+
+
+def _saved_settings(model: nn.Module) -> dict:
+    """What inject / load_adapter / from_peft recorded on the model: bias, modules_to_save, task."""
+    saved = getattr(model, CONFIG_ATTRIBUTE, {})
+    return {"bias": saved.get("bias", "none"), "modules_to_save": list(saved.get("modules_to_save", [])),
+            "task_type": saved.get("task_type", task_type(model))}
+
+
+def _savable_layers(model: nn.Module) -> list[tuple[str, Linear]]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call fastlora.inject(model, ...) first")
+    other = [(n, type(m).__name__) for n, m in layers if not isinstance(m, Linear)]
+    if other:
+        raise ValueError(
+            f"save_adapter writes PEFT's format, which has no place for fastlora's loralib-style "
+            f"{other[0][1]} layer {other[0][0]!r}; save it with torch.save(fastlora.lora_state_dict(model))"
+        )
+    return layers
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """PEFT's adapter_config.json for the LoRA layers of ``model``, derived from the layers present."""
+    layers = _savable_layers(model)
     settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout_p) for _, m in layers}
     if len(settings) > 1:
         raise ValueError(f"save_adapter needs one (r, lora_alpha, use_rslora, dropout) for all layers, found {sorted(settings)}")
     r, alpha, rslora, dropout = settings.pop()
-    saved = getattr(model, CONFIG_ATTRIBUTE, {})
-    targets = saved.get("target_modules") or sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
+    saved = _saved_settings(model)
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": saved["task_type"],
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": targets,
-        "bias": saved.get("bias", "none"),
+        "target_modules": _saved_targets(model, [n for n, _ in layers]),
+        "bias": saved["bias"],
         "use_rslora": rslora,
         "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": saved["modules_to_save"] or None,
         "use_dora": False,
+        "lora_bias": False,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
 
 
-def adapter_tensors(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
-    """The tensors of the adapter file, under PEFT's key names."""
+def adapter_tensors(model: nn.Module, config: dict) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter file, under PEFT's key names (without the prefix)."""
     tensors = {}
-    for name, layer in lora_layers(model):
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
-        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
-            tensors[f"{PREFIX}{name}.bias"] = layer.bias.detach().contiguous()
-    if bias == "all":
+    layers = dict(_savable_layers(model))
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B
+        if config["bias"] != "none" and layer.bias is not None:
+            tensors[name + LORA_BIAS] = layer.bias
+    if config["bias"] == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                tensors[f"{PREFIX}{name}"] = param.detach().contiguous()
+            module = name.rpartition(".")[0]
+            if name.endswith("bias") and module not in layers:
+                tensors[name] = param
+    for head in config["modules_to_save"] or []:
+        for name, param in model.get_submodule(head).named_parameters():
+            tensors[f"{head}.{name}"] = param
     return tensors
+
+
+def _warn_unsaved_trainables(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Warn when a parameter trains but will not be in the adapter file (a new head, say)."""
+    saved_ids = {id(t) for t in saved.values()}
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids]
+    if lost:
+        warnings.warn(
+            f"save_adapter: {len(lost)} parameters require grad but are not part of the adapter and are not "
+            f"saved (first: {lost[:3]}); pass modules_to_save=[...] to fastlora.inject to save whole modules",
+            UserWarning, stacklevel=3,
+        )
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -89,7 +145,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     config = adapter_config(model)
-    tensors = {k: v.cpu() for k, v in adapter_tensors(model, config["bias"]).items()}
+    params = adapter_tensors(model, config)
+    _warn_unsaved_trainables(model, params)
+    tensors = {PREFIX + k: v.detach().cpu().contiguous() for k, v in params.items()}
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -131,26 +189,43 @@ def _unsupported(config: dict) -> list[str]:
     found = []
     if config.get("use_dora"):
         found.append("use_dora (DoRA)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            found.append(key)
-    for key in ("layers_to_transform", "modules_to_save", "megatron_config"):
+    if config.get("lora_bias"):
+        found.append("lora_bias (a bias on lora_B)")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "megatron_config", "trainable_token_indices"):
         if config.get(key):
             found.append(key)
     return found
 
 
+def _linear_features(path: str, module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a module an adapter may sit on, else ValueError."""
+    if isinstance(module, Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, LoRALayer):
+        raise ValueError(f"adapter module {path!r} is a fastlora {type(module).__name__}, which PEFT's files do not describe")
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    raise ValueError(f"adapter module {path!r} is a {type(module).__name__}, not a linear layer")
+
+
 def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Check every key and shape against ``model`` before anything changes.
 
-    Returns {module path: {"lora_A": t, "lora_B": t}} and {parameter name: bias tensor}.
+    Returns {module path: {"lora_A": t, "lora_B": t}} and {parameter name: tensor} for the
+    biases and the modules_to_save parameters.
     """
     unsupported = _unsupported(config)
     if unsupported:
         raise ValueError(f"the adapter uses features fastlora does not support: {', '.join(unsupported)}")
     r = config.get("r")
+    if not isinstance(r, int) or r < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise ValueError(f"the adapter config needs an integer r >= 1 and a number lora_alpha, got r={r!r}, "
+                         f"lora_alpha={config.get('lora_alpha')!r}")
+    heads = find_modules_to_save(model, config.get("modules_to_save"))
     adapters: dict[str, dict[str, torch.Tensor]] = {}
-    biases: dict[str, torch.Tensor] = {}
+    params: dict[str, torch.Tensor] = {}
     parameters = dict(model.named_parameters())
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -158,12 +233,15 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
             adapters.setdefault(match["module"], {})[match["which"]] = tensor
             continue
         name = key.removeprefix(PREFIX)
-        if name.endswith("bias") and name in parameters:
+        if name.endswith(LORA_BIAS):
+            name = name[: -len(LORA_BIAS)] + ".bias"
+        in_head = any(name.startswith(head + ".") for head in heads)
+        if name in parameters and (name.endswith("bias") or in_head):
             if parameters[name].shape != tensor.shape:
                 raise ValueError(f"adapter key {key!r}: shape {tuple(tensor.shape)} != the model's {tuple(parameters[name].shape)}")
-            biases[name] = tensor
+            params[name] = tensor
             continue
-        raise ValueError(f"adapter key {key!r} is neither a LoRA weight nor a bias of the model")
+        raise ValueError(f"adapter key {key!r} is neither a LoRA weight, a bias nor a modules_to_save parameter of the model")
     if not adapters:
         raise ValueError("the adapter file holds no lora_A / lora_B weights")
     modules = dict(model.named_modules())
@@ -173,14 +251,7 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
         module = modules.get(path)
         if module is None:
             raise ValueError(f"adapter key {PREFIX}{path}.lora_A.weight names no module of the model")
-        if isinstance(module, Linear) and getattr(module, "r", 0) > 0:
-            in_features, out_features = module.lora_A.shape[1], module.lora_B.shape[0]
-        elif isinstance(module, nn.Linear):
-            in_features, out_features = module.in_features, module.out_features
-        elif is_conv1d(module):
-            in_features, out_features = module.weight.shape
-        else:
-            raise ValueError(f"adapter module {path!r} is a {type(module).__name__}, not a linear layer")
+        in_features, out_features = _linear_features(path, module)
         expected = {"lora_A": (r, in_features), "lora_B": (out_features, r)}
         for which, tensor in pair.items():
             if tuple(tensor.shape) != expected[which]:
@@ -188,51 +259,88 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
                     f"adapter key {PREFIX}{path}.{which}.weight: shape {tuple(tensor.shape)} does not fit "
                     f"module {path!r} (expected {expected[which]} for r={r})"
                 )
-    return adapters, biases
+    return adapters, params
+
+
+def _reconfigure(layer: Linear, config: dict) -> None:
+    """Give an existing (unmerged) LoRA layer the file's r, lora_alpha, dropout and rsLoRA,
+    with new A and B Parameters (same dtype and device) where the rank changes."""
+    r = config["r"]
+    LoRALayer.__init__(layer, r, config["lora_alpha"], config.get("lora_dropout", 0.0), layer.merge_weights,
+                       config.get("use_rslora", False))
+    for which, shape in (("lora_A", (r, layer.in_features)), ("lora_B", (layer.out_features, r))):
+        old = getattr(layer, which)
+        if tuple(old.shape) != shape:
+            setattr(layer, which, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter (saved by PEFT or fastlora) into ``model``; return it.
 
-    Modules named in the file that are plain linear layers get LoRA layers injected first.
+    Modules named in the file that are plain linear layers get LoRA layers injected first;
+    layers that already have one take the file's r, lora_alpha, dropout and rsLoRA (new A and
+    B where the rank differs). Biases and modules_to_save are read under PEFT's key names.
     Every key and shape is checked before anything changes: on any error the model is left
     exactly as it was.
     """
     config, tensors = read_adapter(directory)
-    adapters, biases = _plan_load(model, config, tensors)
+    adapters, params = _plan_load(model, config, tensors)
     missing = [p for p in adapters if not isinstance(model.get_submodule(p), Linear)]
+    heads = find_modules_to_save(model, config.get("modules_to_save"))
     if missing:
         inject(
-            model, [p for p in missing], r=config["r"], lora_alpha=config["lora_alpha"],
+            model, missing, r=config["r"], lora_alpha=config["lora_alpha"],
             lora_dropout=config.get("lora_dropout", 0.0), bias=config.get("bias", "none"),
-            use_rslora=config.get("use_rslora", False),
+            use_rslora=config.get("use_rslora", False), modules_to_save=heads,
         )
-        getattr(model, CONFIG_ATTRIBUTE)["target_modules"] = config.get("target_modules") or missing
+    saved = getattr(model, CONFIG_ATTRIBUTE, {})
+    saved.update(bias=config.get("bias", "none"), task_type=config.get("task_type") or task_type(model),
+                 modules_to_save=sorted(set(saved.get("modules_to_save", [])) | set(heads)))
+    setattr(model, CONFIG_ATTRIBUTE, saved)
     with torch.no_grad():
         for path, pair in adapters.items():
             layer = model.get_submodule(path)
             was_merged = layer.merged
             layer._set_merged(False)
+            _reconfigure(layer, config)
             layer.lora_A.copy_(pair["lora_A"])
             layer.lora_B.copy_(pair["lora_B"])
             layer._set_merged(was_merged)
         parameters = dict(model.named_parameters())
-        for name, tensor in biases.items():
+        for name, tensor in params.items():
             parameters[name].copy_(tensor)
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
     return model
+
+
+def _unwrap_modules_to_save(base_model: nn.Module) -> list[str]:
+    """Replace PEFT's ModulesToSaveWrapper modules by their trained copy; their names."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapped = [(n, m) for n, m in base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrapped:
+        if len(wrapper.modules_to_save) != 1:
+            raise ValueError(f"PEFT module {name!r} saves copies for several adapters {list(wrapper.modules_to_save)}")
+    for name, wrapper in wrapped:
+        _set_submodule(base_model, name, next(iter(wrapper.modules_to_save.values())))
+    return [n for n, _ in wrapped]
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Replace the LoRA layers of a PEFT model by fastlora layers, in place, same outputs.
 
     Returns the underlying base model (what ``peft_model.get_base_model()`` gives), now with
-    ``fastlora.Linear`` layers sharing the base weights and holding the adapter's A and B.
-    Supports one adapter on Linear / Conv1D targets; DoRA, several adapters, adapters on
-    other layer types and per-layer rank patterns raise ValueError naming the feature.
+    ``fastlora.Linear`` layers sharing the base weights and holding the adapter's A and B;
+    modules_to_save become their trained copies, and the adapter's bias, rsLoRA and task type
+    are kept for ``save_adapter``. Supports one adapter on Linear / Conv1D targets; DoRA,
+    several adapters, lora_bias, adapters on other layer types and per-layer rank patterns
+    raise ValueError naming the feature.
     """
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    peft_configs = getattr(peft_model, "peft_config", {})
     found = [(n, m) for n, m in base_model.named_modules() if isinstance(m, PeftLoraLayer)]
     if not found:
         raise ValueError("the model has no PEFT LoRA layers")
@@ -247,20 +355,30 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         base = layer.get_base_layer()
         if not (isinstance(base, nn.Linear) or is_conv1d(base)) or not isinstance(layer.lora_A[adapter], nn.Linear):
             raise ValueError(f"PEFT layer {name!r} wraps a {type(base).__name__}; fastlora converts Linear / Conv1D targets")
-        if layer.lora_A[adapter].bias is not None:
+        if layer.lora_B[adapter].bias is not None:
             raise ValueError(f"PEFT layer {name!r} has a bias on lora_B (lora_bias), which fastlora does not support")
         plan.append((name, layer, adapter, base))
+    config = peft_configs.get(plan[0][2])
+    rslora = bool(getattr(config, "use_rslora", False))
+    heads = _unwrap_modules_to_save(base_model)
     for name, layer, adapter, base in plan:
         dropout = layer.lora_dropout[adapter]
         lora = Linear.from_linear(
             base, layer.r[adapter], layer.lora_alpha[adapter],
             lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-            fan_in_fan_out=is_conv1d(base), adapter_dtype=layer.lora_A[adapter].weight.dtype,
+            fan_in_fan_out=is_conv1d(base), use_rslora=rslora, adapter_dtype=layer.lora_A[adapter].weight.dtype,
         )
         lora.scaling = layer.scaling[adapter]
         with torch.no_grad():
             lora.lora_A.copy_(layer.lora_A[adapter].weight)
             lora.lora_B.copy_(layer.lora_B[adapter].weight)
+        lora.lora_A.requires_grad_(layer.lora_A[adapter].weight.requires_grad)
+        lora.lora_B.requires_grad_(layer.lora_B[adapter].weight.requires_grad)
         lora.train(layer.training)
         _set_submodule(base_model, name, lora)
+    task = getattr(config, "task_type", None)
+    setattr(base_model, CONFIG_ATTRIBUTE, {
+        "bias": getattr(config, "bias", "none"), "modules_to_save": heads,
+        "task_type": str(getattr(task, "value", task)) if task else task_type(base_model),
+    })
     return base_model
