@@ -80,3 +80,49 @@ def test_missing_compiler_warns_once_and_falls_back_to_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "RAISED: fastlora backend 'cpp' cannot run: no C++ compiler" in result.stdout
     assert "WARNINGS: 1" in result.stdout
+
+
+CHECK_CPP_RUNS = """
+import torch, fastlora
+from fastlora.ops import cpp_ops
+assert cpp_ops.unavailable_reason() is None, cpp_ops.unavailable_reason()
+with fastlora.use_backend("cpp"):
+    fastlora.Linear(8, 4, r=2)(torch.randn(3, 8)).sum().backward()
+print("LIBRARY:", cpp_ops.build_dir())
+"""
+
+
+def tree(root) -> dict:
+    """Every file under ``root`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@needs_cpp
+def test_killed_build_read_only_cache_and_unwritable_cache(tmp_path):
+    """A build killed halfway (its folder and torch's lock left behind) does not hang the next
+    process; a finished build is loaded as it is, writing nothing; an unwritable cache warns
+    and falls back to the PyTorch path."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    final = run_python("from fastlora.ops import cpp_ops; print(cpp_ops.build_dir())", **env).stdout.strip()
+    stale = tmp_path / "cache" / "fastlora" / final.rsplit("/", 1)[-1]
+    stale.mkdir(parents=True)
+    (stale / "lock").write_text("")  # what torch's FileBaton leaves when its build is killed
+    (stale / "build.ninja").write_text("")
+    built = run_python(CHECK_CPP_RUNS, **env)
+    assert built.returncode == 0, built.stderr
+    assert "compiling" in built.stderr and (stale / "fastlora_cpu.so").is_file() and not (stale / "lock").exists()
+
+    before = tree(tmp_path / "cache")
+    (tmp_path / "cache").chmod(0o555)
+    try:
+        again = run_python(CHECK_CPP_RUNS, **env)
+    finally:
+        (tmp_path / "cache").chmod(0o755)
+    assert again.returncode == 0, again.stderr
+    assert "compiling" not in again.stderr and tree(tmp_path / "cache") == before
+
+    (tmp_path / "file").write_text("")
+    unwritable = run_python(CHECK_FALLBACK, XDG_CACHE_HOME=str(tmp_path / "file" / "cache"))
+    assert unwritable.returncode == 0, unwritable.stderr
+    assert "RAISED: fastlora backend 'cpp' cannot run: the cache folder" in unwritable.stdout
+    assert "not writable" in unwritable.stdout and "WARNINGS: 1" in unwritable.stdout

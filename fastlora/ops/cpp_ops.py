@@ -1,8 +1,12 @@
 """The ``cpp`` backend: the C++ CPU kernels of csrc/, compiled just-in-time with ninja.
 
-The first use compiles csrc/ with ``torch.utils.cpp_extension.load`` (about a minute, once;
-a message says so) into ``$XDG_CACHE_HOME/fastlora`` (``~/.cache/fastlora``), one folder per
-torch and Python version; later uses load the cached library. The library registers the CPU
+The first use compiles csrc/ with ``torch.utils.cpp_extension.load`` (about 20-60 s, once; a
+message says so) into ``$XDG_CACHE_HOME/fastlora`` (``~/.cache/fastlora``), one folder per
+torch version, Python version, platform and source hash; later uses load the cached library
+directly and write nothing (a read-only cache holding a finished build works). A build runs
+in a fresh temporary folder beside the final one and is renamed into place when complete, so
+a build killed halfway leaves no lock that later processes would wait on, and two processes
+building at once never share a folder. An unwritable cache gives the warning below. The library registers the CPU
 kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose schema and fake kernels are
 defined here from ``schema.py``, so ``torch.compile`` sees the same op as for the other
 backends.
@@ -14,10 +18,12 @@ the build fails, a one-line warning is issued and the backend reports itself una
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import sysconfig
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +35,8 @@ from fastlora.ops.schema import define_ops
 define_ops("cpp")
 
 SOURCES = ("lora_cpu.cpp", "philox.cpp")
+HEADERS = ("philox.h",)
+LIBRARY = "fastlora_cpu.so"
 _NOT_TRIED = "not tried yet"
 # the build's outcome, kept in a plain dict rather than functools.cache: torch.compile traces
 # through a cache wrapper into the build itself, but reads a dict entry as a constant
@@ -41,10 +49,18 @@ def source_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 
 
+def source_hash() -> str:
+    """12 hex digits of the sources' SHA-256: a changed source gets a new build folder."""
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((source_dir() / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def build_dir() -> Path:
-    """The cache folder for this torch and Python version."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora"
-    tag = f"torch{torch.__version__}-{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+    """The cache folder of a finished build for this torch, Python, platform and source."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlora"
+    tag = f"torch{torch.__version__}-{sys.implementation.cache_tag}-{sysconfig.get_platform()}-{source_hash()}"
     return cache / tag.replace("+", "_")
 
 
@@ -69,26 +85,46 @@ def _build_and_load() -> str | None:
 
 
 def _compile_and_load() -> str | None:
-    """torch.utils.cpp_extension.load of csrc/ into build_dir(); why it failed, or None."""
-    directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        print(f"fastlora: compiling the C++ CPU kernels into {directory} (first use only)", file=sys.stderr)
+    """Load build_dir()'s finished library, or build one in a temporary folder, load it and
+    rename the folder into place; why that failed, or None."""
+    final = build_dir()
+    if (final / LIBRARY).is_file():
+        torch.ops.load_library(str(final / LIBRARY))
+        return None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as error:
+        return f"the cache folder {final.parent} is not writable ({error}); set XDG_CACHE_HOME to a writable folder"
+    print(f"fastlora: compiling the C++ CPU kernels into {final} (first use only, 20-60 s)", file=sys.stderr)
     try:
         torch.utils.cpp_extension.load(
             name="fastlora_cpu",
             sources=[str(source_dir() / name) for name in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
+            build_directory=str(staging),
             is_python_module=False,
             verbose=False,
         )
     except Exception as error:  # a failed build raises various types; report its key line
+        shutil.rmtree(staging, ignore_errors=True)
         lines = str(error).strip().splitlines() or [type(error).__name__]
         key_line = next((line for line in lines if "error:" in line), lines[0])
         return f"the C++ extension failed to build ({key_line.strip()})"
+    _move_into_place(staging, final)
     return None
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename a finished build folder to ``final``; a folder there without the library (left by
+    something else) is replaced, a complete one (another process was faster) is kept."""
+    if final.exists() and not (final / LIBRARY).is_file():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def unavailable_reason() -> str | None:
