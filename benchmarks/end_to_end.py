@@ -12,7 +12,7 @@ A step is forward, loss, backward and an AdamW step on the trainable parameters.
 timing, fastlora's loss is checked against PEFT's with dropout off; a mismatch is reported
 as ``wrong`` and not timed. Reports the median step time (p20 / p80), tokens/s, the ratio to
 frozen and to PEFT, bytes saved for backward per step and, on CUDA, peak memory. Rows are
-appended to benchmarks/results/<device>-end-to-end.csv.
+appended to benchmarks/out/<device>-end-to-end.csv (git-ignored; --csv picks another file).
 
 Timing: every provider first runs a few warm-up steps (AdamW creates its state at the first
 step, the caching allocator grows, kernels compile), then the providers' steps are
@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import harness
-from benchmarks.run import RESULTS, append_csv, device_name, git_sha, triton_version
+from benchmarks.run import LOCAL_RESULTS, append_csv, device_name, dropout_rate, git_sha, triton_version
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COLUMNS = [
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--dropout", type=dropout_rate, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--csv", type=pathlib.Path, default=None,
-                        help="default: benchmarks/results/<device>-end-to-end.csv")
+                        help="default: benchmarks/out/<device>-end-to-end.csv")
     args = parser.parse_args(argv)
 
     device = args.device
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for dropout in args.dropout:
         rows += [{**row, **meta} for row in run_setup(setup, dropout, device, dtype, 1.0 if args.quick else 6.0)]
     print(format_table(rows))
-    csv_path = args.csv or RESULTS / f"{name}-end-to-end.csv"
+    csv_path = args.csv or LOCAL_RESULTS / f"{name}-end-to-end.csv"
     append_csv(csv_path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {csv_path}")
     return 0

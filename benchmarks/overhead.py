@@ -10,7 +10,7 @@ microseconds, so the queue never fills), and the number of CUDA kernels one call
 (profiler). On CPU: wall time per call, and the number of ATen operators one call
 dispatches (the C++ backend's kernel counts as one). Providers: ``base`` (frozen nn.Linear),
 ``peft``, and fastlora on each backend that runs here. Rows are appended to
-benchmarks/results/<device>-overhead.csv.
+benchmarks/out/<device>-overhead.csv (git-ignored; --csv picks another file).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import harness
 from benchmarks.providers import Shape, build, make_weights, provider_names
-from benchmarks.run import RESULTS, append_csv, device_name, git_sha, triton_version
+from benchmarks.run import LOCAL_RESULTS, append_csv, device_name, git_sha, triton_version
 
 SHAPES = [Shape(16, 256, 256, 16, 0.0, bias=False), Shape(16, 256, 256, 16, 0.1, bias=False)]
 COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "provider", "M", "K", "N", "r", "dropout",
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=100, help="calls per timed round")
     parser.add_argument("--providers", nargs="+", default=None)
-    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/results/<device>-overhead.csv")
+    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/out/<device>-overhead.csv")
     args = parser.parse_args(argv)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{**measure(shape, provider, device, dtype, args.repeats), **meta}
             for shape in SHAPES for provider in (args.providers or providers_here(device))]
     print(format_table(rows))
-    path = args.csv or RESULTS / f"{name}-overhead.csv"
+    path = args.csv or LOCAL_RESULTS / f"{name}-overhead.csv"
     append_csv(path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {path}")
     return 0

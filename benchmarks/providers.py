@@ -138,6 +138,21 @@ def provider_names(device: str) -> list[str]:
     return names
 
 
+def unavailable_reason(name: str, device: str) -> str | None:
+    """Why provider ``name`` cannot run on ``device`` here, or None when it can."""
+    if name == "peft" and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    if name.startswith("fastlora-"):
+        from fastlora import _backend
+
+        with fastlora.use_backend(name.removeprefix("fastlora-")):
+            try:
+                _backend.resolve(torch.device(device))
+            except RuntimeError as error:
+                return str(error)
+    return None
+
+
 def build(name: str, w: Weights, dropout: float) -> nn.Module:
     """The module a provider times, in training mode."""
     if name == "base":

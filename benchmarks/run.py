@@ -4,9 +4,10 @@
     python -m benchmarks.run                # the full suite
     python -m benchmarks.run --shapes 8192x4096x4096x16 --modes fwd full
 
-Prints a table, appends one row per (provider, shape, mode) to
-benchmarks/results/<device>.csv (with device, versions, git sha, timestamp) and redraws the
-PNG plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
+Prints a table, appends one row per (provider, shape, mode) to benchmarks/out/<device>.csv
+(an ignored folder, so a clone stays clean; ``--csv benchmarks/results/<device>.csv`` adds to
+the committed results) with device, versions, git sha and timestamp, and redraws the PNG
+plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
 fastlora.reference is reported as ``wrong`` and not timed.
 """
 
@@ -25,9 +26,10 @@ import sys
 import torch
 
 from benchmarks import harness
-from benchmarks.providers import Shape, build, make_weights, provider_names
+from benchmarks.providers import ALL_PROVIDERS, Shape, build, make_weights, provider_names, unavailable_reason
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+RESULTS = pathlib.Path(__file__).parent / "results"  # committed results
+LOCAL_RESULTS = pathlib.Path(__file__).parent / "out"  # a local run's default (git-ignored)
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "mode",
     "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "timer",
@@ -68,7 +70,37 @@ def parse_shape(text: str) -> Shape:
     if not match:
         raise argparse.ArgumentTypeError(f"--shapes takes MxKxNxr or MxKxNxr@dropout, got {text!r}")
     M, K, N, r = (int(v) for v in match.groups()[:4])
-    return Shape(M, K, N, r, float(match.group(5) or 0.0), bias=False)
+    if min(M, K, N, r) < 1:
+        raise argparse.ArgumentTypeError(f"--shapes needs M, K, N and r >= 1, got {text!r}")
+    try:
+        dropout = float(match.group(5) or 0.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes: the dropout of {text!r} is not a number") from None
+    if not 0.0 <= dropout < 1.0:
+        raise argparse.ArgumentTypeError(f"--shapes needs a dropout in [0, 1), got {text!r}")
+    return Shape(M, K, N, r, dropout, bias=False)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    """An argparse type: a dropout rate in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a dropout rate, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a dropout rate must lie in [0, 1), got {text!r}")
+    return value
 
 
 def device_name(device: str) -> str:
@@ -190,21 +222,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--providers", nargs="+", default=None, help="default: all available")
+    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None, help="default: all available")
     parser.add_argument("--modes", nargs="+", choices=harness.MODES, default=list(harness.MODES))
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="MxKxNxr[@dropout] ...")
-    parser.add_argument("--budget", type=float, default=None, help="CPU seconds per timing (default 0.3, quick 0.15)")
-    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/results/<device>.csv")
+    parser.add_argument("--budget", type=positive_float, default=None, help="CPU seconds per timing (default 0.3, quick 0.15)")
+    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/out/<device>.csv")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    for provider in args.providers or []:
+        reason = unavailable_reason(provider, device)
+        if reason is not None:
+            parser.error(f"--providers: {provider} cannot run on {device} here: {reason}")
     providers = args.providers or provider_names(device)
     shapes = args.shapes or suite(device, args.quick)
     budget = args.budget or (0.15 if args.quick else 0.3)
     name = device_name(device)
-    csv_path = args.csv or RESULTS / f"{name}.csv"
+    csv_path = args.csv or LOCAL_RESULTS / f"{name}.csv"
     meta = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(), "device": name, "torch": torch.__version__, "triton": triton_version(),

@@ -43,3 +43,52 @@ def test_main_writes_the_csv(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 2 * len(harness.MODES)
     assert all(row["status"] == "ok" and float(row["first_call_s"]) > 0 for row in rows)
+
+
+def test_main_with_one_mode_plots_that_mode(tmp_path):
+    path = tmp_path / "results.csv"
+    assert run.main(["--shapes", "16x24x16x4", "32x24x16x4", "--providers", "base", "peft", "fastlora-torch",
+                     "--budget", "0.01", "--modes", "fwd", "--csv", str(path), "--device", "cpu"]) == 0
+    for suffix in ("time", "speedup", "memory"):
+        assert (tmp_path / f"results-{suffix}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--shapes", "0x24x16x4"], "M, K, N and r >= 1"),
+        (["--shapes", "16x24x16x0"], "M, K, N and r >= 1"),
+        (["--shapes", "16x24x16x4@1.0"], "dropout in [0, 1)"),
+        (["--shapes", "16x24x16x4@1.5.2"], "not a number"),
+        (["--providers", "pefty"], "invalid choice"),
+        (["--providers", "fastlora-triton"], "fastlora-triton cannot run on cpu"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--budget", "0"], "> 0"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fastlora-triton cannot run on this CPU then
+    with pytest.raises(SystemExit) as info:
+        run.main(argv + ["--no-plot"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_names_a_missing_or_unreadable_csv(tmp_path, capsys):
+    from benchmarks import plot
+
+    for path, message in ((tmp_path / "none.csv", "no results CSV"), (tmp_path / "bad.csv", "not a benchmarks.run CSV")):
+        if path.name == "bad.csv":
+            path.write_text("a,b\n1,2\n")
+        with pytest.raises(SystemExit) as info:
+            plot.main([str(path)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and str(path) in err
+
+
+def test_default_results_go_to_an_ignored_folder():
+    import subprocess
+
+    target = run.LOCAL_RESULTS / "x.csv"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=run.LOCAL_RESULTS.parent)
+    assert ignored.returncode == 0 and run.LOCAL_RESULTS != run.RESULTS
