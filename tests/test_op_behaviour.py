@@ -91,6 +91,12 @@ def test_env_variable_sets_default_backend(monkeypatch):
     monkeypatch.setenv("FASTLORA_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTLORA_BACKEND"):
         fastlora.current_backend()
+    monkeypatch.setenv("FASTLORA_BACKEND", "")  # empty means unset
+    assert fastlora.current_backend() == "auto"
+    monkeypatch.setenv("FASTLORA_BACKEND", " Torch ")  # names in any case
+    assert fastlora.current_backend() == "torch"
+    with fastlora.use_backend("CPP"):
+        assert fastlora.current_backend() == "cpp"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -203,15 +203,3 @@ def test_use_backend_is_per_thread():
         release.set()
         thread.join(10)
     assert here == "cpp" and seen == {"before": "auto", "inside": "torch"}
-
-
-def test_backend_names_case_insensitive_and_empty_env_is_unset(monkeypatch):
-    monkeypatch.setenv("FASTLORA_BACKEND", "")
-    assert fastlora.current_backend() == "auto"
-    monkeypatch.setenv("FASTLORA_BACKEND", " Torch ")
-    assert fastlora.current_backend() == "torch"
-    with fastlora.use_backend("CPP"):
-        assert fastlora.current_backend() == "cpp"
-    monkeypatch.setenv("FASTLORA_BACKEND", "tritonn")
-    with pytest.raises(ValueError, match="FASTLORA_BACKEND"):
-        fastlora.current_backend()
