@@ -130,18 +130,32 @@ def run(fn, t: dict, case: Case, **kwargs) -> dict:
     return out
 
 
-def observe_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """The keep-mask lora_linear draws after ``torch.manual_seed(seed)``, seen through the op.
+def saved_keep_mask(y: torch.Tensor, K: int) -> torch.Tensor:
+    """The keep-mask (M, K) bool that the lora_linear call which made ``y`` drew, read from the
+    keep bits its autograd node saved for the backward (call before ``y.backward``)."""
+    from fastlora.ops.torch_ops import unpack_keep_bits
 
-    With W = 0, A = B = I and scaling 1, y = dropout(x); for x = 1, y = mask / (1 - p).
+    node = y.grad_fn
+    while type(node).__name__ != "LoRALinearFunctionBackward":
+        node = node.next_functions[0][0]
+    return unpack_keep_bits(node.saved_tensors[5], K)
+
+
+def observe_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The keep-mask lora_linear draws for x of ``shape`` after ``torch.manual_seed(seed)``.
+
+    A real call at a small rank (r = 4, N = 16: the configs real calls launch, never rank K)
+    whose keep bits are read back; tests/test_op_behaviour.py checks them against what the
+    output and dx show.
     """
     K = shape[-1]
-    ones = torch.ones(shape, dtype=dtype, device=device)
-    eye = torch.eye(K, dtype=dtype, device=device)
-    zeros = torch.zeros(K, K, dtype=dtype, device=device)
+    x = torch.ones(shape, dtype=dtype, device=device)
+    lora_A = torch.ones(4, K, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.zeros(16, K, dtype=dtype, device=device)
+    lora_B = torch.zeros(16, 4, dtype=dtype, device=device)
     torch.manual_seed(seed)
-    y = fastlora.lora_linear(ones, zeros, None, eye, eye, 1.0, dropout_p, True)
-    return y != 0
+    y = fastlora.lora_linear(x, weight, None, lora_A, lora_B, 1.0, dropout_p, True)
+    return saved_keep_mask(y, K).view(shape)
 
 
 def reference_results(
@@ -156,14 +170,19 @@ def fastlora_results(
 ) -> tuple[dict, torch.Tensor | None]:
     """Run fastlora.lora_linear on ``backend``; return its results and the mask it used."""
     lead = inputs["x"].shape[:-1]
-    mask = None
-    with fastlora.use_backend(backend):
+    masks = []
+
+    def keeping_mask(*args, **kwargs):
+        y = fastlora.lora_linear(*args, **kwargs)
         if case.dropout_p:
-            mask = observe_keep_mask((*lead, case.K), case.dropout_p, seed, case.dtype, device)
+            masks.append(saved_keep_mask(y, case.K).view(*lead, case.K))
+        return y
+
+    with fastlora.use_backend(backend):
         t = cast_inputs(inputs, case, device=device)
         torch.manual_seed(seed)
-        out = run(fastlora.lora_linear, t, case)
-    return out, mask
+        out = run(keeping_mask, t, case)
+    return out, masks[0] if masks else None
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:

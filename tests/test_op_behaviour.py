@@ -165,11 +165,13 @@ def test_dropout_mask_rate_reproducibility_and_backward_use(backend):
         assert not torch.equal(mask, other)
         keep_rate = mask.float().mean().item()
         assert abs(keep_rate - (1 - p)) < 0.03
-        # the backward uses the forward's mask: with W = 0, A = B = I, dx = dy * mask / (1 - p)
+        # the keep bits read back are the mask the op applies: with W = 0 and A = B = I,
+        # y = dropout(x) and dx = dy * mask / (1 - p)
         x = torch.ones(64, 48, requires_grad=True)
         eye = torch.eye(48)
         torch.manual_seed(7)
         y = fastlora.lora_linear(x, torch.zeros(48, 48), None, eye, eye, 1.0, p, True)
+        torch.testing.assert_close(y.detach(), mask.float() / (1 - p))
         y.backward(torch.ones_like(y))
         torch.testing.assert_close(x.grad, mask.float() / (1 - p))
 
