@@ -9,6 +9,7 @@ import torch
 import fastlora
 import fastlora.reference as reference
 from fastlora import _backend
+from fastlora.ops.lora_linear import saved_keep_mask
 
 
 def available_backends(device: str = "cpu") -> list[str]:
@@ -130,17 +131,6 @@ def run(fn, t: dict, case: Case, **kwargs) -> dict:
     return out
 
 
-def saved_keep_mask(y: torch.Tensor, K: int) -> torch.Tensor:
-    """The keep-mask (M, K) bool that the lora_linear call which made ``y`` drew, read from the
-    keep bits its autograd node saved for the backward (call before ``y.backward``)."""
-    from fastlora.ops.torch_ops import unpack_keep_bits
-
-    node = y.grad_fn
-    while type(node).__name__ != "LoRALinearFunctionBackward":
-        node = node.next_functions[0][0]
-    return unpack_keep_bits(node.saved_tensors[5], K)
-
-
 def observe_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """The keep-mask lora_linear draws for x of ``shape`` after ``torch.manual_seed(seed)``.
 
@@ -155,7 +145,7 @@ def observe_keep_mask(shape: tuple[int, ...], dropout_p: float, seed: int, dtype
     lora_B = torch.zeros(16, 4, dtype=dtype, device=device)
     torch.manual_seed(seed)
     y = fastlora.lora_linear(x, weight, None, lora_A, lora_B, 1.0, dropout_p, True)
-    return saved_keep_mask(y, K).view(shape)
+    return saved_keep_mask(y).view(shape)
 
 
 def reference_results(
@@ -175,7 +165,7 @@ def fastlora_results(
     def keeping_mask(*args, **kwargs):
         y = fastlora.lora_linear(*args, **kwargs)
         if case.dropout_p:
-            masks.append(saved_keep_mask(y, case.K).view(*lead, case.K))
+            masks.append(saved_keep_mask(y).view(*lead, case.K))
         return y
 
     with fastlora.use_backend(backend):
