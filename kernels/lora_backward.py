@@ -37,7 +37,9 @@ def lora_grad_output_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One read of dy's m-block gives G = dy B (stored) and its share of dB = s dy^T S and of
-    dbias = sum_m dy (atomically added into float32 buffers).
+    dbias = sum_m dy (added into float32 buffers by relaxed atomics: nothing reads them before
+    the kernel ends, so no ordering is needed; their order, and so the last bits of dB and
+    dbias, vary between runs; deterministic mode computes them without atomics instead).
 
     Grid: (cdiv(M, BLOCK_M),). BLOCK_K is unused here (shared config list).
     """
@@ -61,10 +63,10 @@ def lora_grad_output_kernel(
             db = tl.dot(tl.trans(dy.to(adapter_dtype)), s, input_precision=ADAPTER_PRECISION)
             tl.atomic_add(
                 db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                db * scaling, mask=mask_n[:, None] & mask_r[None, :],
+                db * scaling, mask=mask_n[:, None] & mask_r[None, :], sem="relaxed",
             )
         if NEEDS_DBIAS:
-            tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n)
+            tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n, sem="relaxed")
     if NEEDS_G:
         store_tile(g_ptr, g, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
 
@@ -151,7 +153,8 @@ def lora_grad_a_kernel(
     """partial[s, :, k-block] = scaling * G^T drop(x)[:, k-block] over the row blocks s,
     s + SPLIT_M, s + 2 SPLIT_M, ... (float32); dA = sum over s, reduced by the launcher in a
     fixed order (deterministic). The keep-mask is read from the forward's bits. a_ptr (A) only
-    gives the adapters' dtype.
+    gives the adapters' dtype. The same reduction gives dB^T = s S^T dy in deterministic mode
+    (g_ptr = S, x_ptr = dy, no dropout).
 
     Grid: (cdiv(K, BLOCK_K), SPLIT_M): the split over M fills every SM when K is narrow.
     BLOCK_N is unused here.

@@ -147,3 +147,20 @@ def test_a_config_too_big_for_the_gpu_is_dropped_at_launch(monkeypatch):
     chosen = [c for key, c in launcher.chosen_configs().items() if "tma" in key[0] or "grad_input" in key[0]]
     assert chosen and all(c is fits for c in chosen)
     launcher.forget_choices()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_deterministic_mode_gives_bitwise_equal_steps(backend):
+    """Under torch.use_deterministic_algorithms(True), two identical bf16 steps on the GPU give
+    bitwise equal gradients (no atomics in the Triton backward)."""
+    case = Case(M=4096, K=1024, N=2048, r=16, dtype=torch.bfloat16, dropout_p=0.1)
+    inputs = {k: to_cuda(v) for k, v in make_inputs(case).items()}
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, _ = fastlora_results(inputs, case, backend, device="cuda")
+        second, _ = fastlora_results(inputs, case, backend, device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"{backend} {key}"

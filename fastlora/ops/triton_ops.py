@@ -146,6 +146,35 @@ def describer(M: int, N: int, K: int, R: int, **tensors: torch.Tensor):
     return lambda: f"M={M}, N={N}, K={K}, r={R}, " + ", ".join(f"{n} {t.dtype}" for n, t in tensors.items())
 
 
+def split_m_product(
+    left: torch.Tensor, right: torch.Tensor, adapter: torch.Tensor, keep_bits: torch.Tensor,
+    scaling: float, dropout_p: float, has_dropout: bool, describe,
+) -> torch.Tensor:
+    """scaling * left^T drop(right) (R, C) in float32 for left (M, R) float32 and right (M, C),
+    the product taken in ``adapter``'s dtype: dA = s G^T drop(x), and in deterministic mode
+    dB^T = s S^T dy. Split over M into float32 partials summed in a fixed order (no atomics:
+    deterministic), with enough programs for every SM; keep_bits is read only with dropout."""
+    M, C = right.shape
+    R = left.shape[1]
+    r_pad = padded_rank(R)
+    split = split_rows(M, C, right.device)
+    partial = right.new_empty((split, R, C), dtype=torch.float32)
+    meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(adapter.dtype))
+    launch(
+        lora_grad_a_kernel, lambda c: (triton.cdiv(C, c["BLOCK_K"]), split),
+        (left, right, adapter, partial, keep_bits,
+         M, C, R, split,
+         left.stride(0), left.stride(1),
+         right.stride(0), right.stride(1),
+         partial.stride(0), partial.stride(1), partial.stride(2),
+         bits_row_stride(keep_bits),
+         scaling, dropout_p),
+        meta, shape_key("lora_grad_a_kernel", M, 0, C, r_pad, right, adapter, **meta),
+        lambda: rank_configs(M), describe,
+    )
+    return partial[0] if split == 1 else partial.sum(0)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -231,17 +260,21 @@ def backward(
     has_dropout = seed is not None and dropout_p > 0.0
     needs_g = needs_dx or needs_dA
     G = x.new_empty((M, R) if needs_g else (0, R), dtype=torch.float32)
+    # deterministic mode: no atomics; dB = s S^T dy as split-M partials summed in a fixed order
+    # (the dA kernel's reduction with S for G and dy for x: one more read of dy), dbias by torch
+    fixed_order = torch.are_deterministic_algorithms_enabled() and M > 0
+    atomic_dB, atomic_dbias = needs_dB and not fixed_order, needs_dbias and not fixed_order
     # dB and dbias are accumulated atomically in float32: one zeroed buffer (one memset) holds both
-    sums = x.new_zeros((N * R if needs_dB else 0) + (N if needs_dbias else 0), dtype=torch.float32)
-    dB = sums[: N * R].view(N, R) if needs_dB else sums.new_empty((0, R))
-    dbias = sums[N * R if needs_dB else 0:] if needs_dbias else sums.new_empty((0,))
+    sums = x.new_zeros((N * R if atomic_dB else 0) + (N if atomic_dbias else 0), dtype=torch.float32)
+    dB = sums[: N * R].view(N, R) if atomic_dB else sums.new_empty((0, R))
+    dbias = sums[N * R if atomic_dB else 0:] if atomic_dbias else sums.new_empty((0,))
     dx = x.new_empty((M, K) if needs_dx else (0, K))
     dA = lora_A.new_empty((0, K))
     dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
     describe = describer(M, N, K, R, dy=dy, lora_A=lora_A)
-    if M > 0 and (needs_g or needs_dB or needs_dbias):
+    if M > 0 and (needs_g or atomic_dB or atomic_dbias):
         output_meta = dict(
-            NEEDS_G=needs_g, NEEDS_DB=needs_dB, NEEDS_DBIAS=needs_dbias,
+            NEEDS_G=needs_g, NEEDS_DB=atomic_dB, NEEDS_DBIAS=atomic_dbias,
             R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_B.dtype),
         )
         launch(
@@ -257,6 +290,10 @@ def backward(
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
             lambda: rank_configs(M), describe,
         )
+    if fixed_order and needs_dB:
+        dB = split_m_product(S, dy, lora_B, keep_bits, scaling, 0.0, False, describe).t().contiguous()
+    if fixed_order and needs_dbias:
+        dbias = dy.sum(0, dtype=torch.float32)
     if M > 0 and needs_dx and not gemm_on_tma(
         "lora_grad_input_tma", dy, weight, fan_in_fan_out, dx, G, lora_A, lora_A.stride(0), lora_A.stride(1),
         None, keep_bits, scaling, dropout_p, has_dropout, describe,
@@ -283,22 +320,7 @@ def backward(
     if needs_dA and M == 0:
         dA = lora_A.new_zeros(lora_A.shape)
     elif needs_dA:
-        split = split_rows(M, K, x.device)
-        partial = x.new_empty((split, R, K), dtype=torch.float32)
-        grad_a_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_A.dtype))
-        launch(
-            lora_grad_a_kernel, lambda c: (triton.cdiv(K, c["BLOCK_K"]), split),
-            (G, x, lora_A, partial, keep_bits,
-             M, K, R, split,
-             G.stride(0), G.stride(1),
-             x.stride(0), x.stride(1),
-             partial.stride(0), partial.stride(1), partial.stride(2),
-             bits_row_stride(keep_bits),
-             scaling, dropout_p),
-            grad_a_meta, shape_key("lora_grad_a_kernel", M, 0, K, r_pad, x, lora_A, **grad_a_meta),
-            lambda: rank_configs(M), describe,
-        )
-        dA = (partial[0] if split == 1 else partial.sum(0)).to(lora_A.dtype)
+        dA = split_m_product(G, x, lora_A, keep_bits, scaling, dropout_p, has_dropout, describe).to(lora_A.dtype)
     return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)
 
 
