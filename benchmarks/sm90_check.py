@@ -3,11 +3,13 @@
     TRITON_INTERPRET=0 python -m benchmarks.sm90_check          # a table
     TRITON_INTERPRET=0 python -m benchmarks.sm90_check --json   # the same, machine-readable
 
-Each kernel is compiled as an H100 launch with bf16 activations would specialise it: pointers
-16-byte aligned, sizes and row strides multiples of 16, unit strides as constants, dropout and
-bias on, r = 16 (and 128). Reports per kernel and config the shared memory, whether the dots
-lower to Hopper's wgmma (``wgmma.mma_async`` in the PTX) and whether tiles arrive by TMA
-(``cp.async.bulk.tensor``). This is a compile check, not a launch guarantee (shared/gpu
+Each kernel is compiled as an H100 launch would specialise it: pointers 16-byte aligned, sizes
+and row strides multiples of 16, unit strides as constants, r = 16, 64 and 128, in the
+variants it really launches with (``VARIANTS``: forward and dx layouts, with and without
+dropout, fp32 adapters, fp16; bf16 by default). Reports per kernel and config the shared memory, whether the dots
+lower to Hopper's wgmma (``wgmma.mma_async`` in the PTX), whether tiles arrive by TMA
+(``cp.async.bulk.tensor``), and the registers per thread and spill bytes (Triton's bundled
+``ptxas -v`` on the PTX). This is a compile check, not a launch guarantee (shared/gpu
 section 1: configs that compiled to 16-131 KB here needed up to 540 KB on the GPU), so the
 launcher's run-time fallback stays.
 """
@@ -27,8 +29,30 @@ POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
                 "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
 GEMMS = ("lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel")
-FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": True, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
+# (M, r_pad) of the compiles: large M at r = 16 ... 512 (above 128 the first config only), and decode
+RANKS = ((8192, 16), (8192, 32), (8192, 64), (8192, 128), (8192, 256), (8192, 512), (16, 16))
+ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right factor: the adapters' dtype
+FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
          "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132}
+# The variants each kernel really launches with (flags beyond FLAGS; "dtype" the activations',
+# "adapters" the adapters' dtype, default bf16). The first is compiled for every config of the
+# list, the others for the config a launch tries first.
+VARIANTS = {
+    "lora_gemm_tma_kernel": {
+        "forward": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False),
+        "dx": dict(B_TRANSPOSED=False, HAS_DROPOUT=True),
+        "dx-no-dropout": dict(B_TRANSPOSED=False, HAS_DROPOUT=False),
+        "dx-fifo": dict(B_TRANSPOSED=True, HAS_DROPOUT=True),
+        "dx-fp32-adapters": dict(B_TRANSPOSED=False, HAS_DROPOUT=True, adapters="fp32"),
+        "forward-fp16": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, dtype="fp16", adapters="fp16"),
+    },
+    "lora_forward_kernel": {"forward": dict(HAS_BIAS=True),
+                            "forward-fp32-adapters": dict(HAS_BIAS=True, adapters="fp32", ADAPTER_PRECISION="ieee")},
+    "lora_grad_input_kernel": {"dx": dict(HAS_DROPOUT=True), "dx-no-dropout": dict(HAS_DROPOUT=False)},
+    "lora_shrink_kernel": {"dropout": dict(HAS_DROPOUT=True), "no-dropout": dict(HAS_DROPOUT=False)},
+    "lora_grad_output_kernel": {"all": {}},
+    "lora_grad_a_kernel": {"dropout": dict(HAS_DROPOUT=True)},
+}
 
 
 def kernels() -> dict:
@@ -48,13 +72,20 @@ def kernels() -> dict:
     }
 
 
-def config_list(name: str, M: int, r_pad: int) -> list:
+def config_list(name: str, M: int, r_pad: int, variant: str) -> list:
+    """The candidate configs the launcher would try for this kernel, M, rank and variant."""
     factory = kernels()[name][1]
-    return factory(M, r_pad) if name in GEMMS else factory(M)
+    if name == "lora_shrink_kernel":
+        return factory(M, r_pad, draws_mask=VARIANTS[name][variant]["HAS_DROPOUT"])
+    if name not in GEMMS:
+        return factory(M, r_pad)
+    adapter_bytes = 4 if VARIANTS[name][variant].get("adapters") == "fp32" else 2
+    return factory(M, r_pad, adapter_bytes, pointer=name != "lora_gemm_tma_kernel")
 
 
-def compile_one(name: str, M: int, index: int, r_pad: int) -> dict:
-    """Compile config ``index`` of ``name``'s list for M; shared bytes, wgmma, TMA, or the error."""
+def compile_one(name: str, M: int, index: int, r_pad: int, variant: str | None = None) -> dict:
+    """Compile config ``index`` of ``name``'s list for M as ``variant`` (default: the kernel's
+    first); shared bytes, wgmma, TMA, registers and spills, or the error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -63,10 +94,15 @@ def compile_one(name: str, M: int, index: int, r_pad: int) -> dict:
 
     configs.interpreting = lambda: False  # this process compiles for the GPU
     kernel = kernels()[name][0]
-    config = config_list(name, M, r_pad)[index]
+    config = config_list(name, M, r_pad, variant or next(iter(VARIANTS[name])))[index]
     names = {param.name for param in kernel.params}
-    flags = {**FLAGS, "FUSED_SHRINK": M <= 64}  # as the launcher sets it: decode fuses the shrink
-    constexprs = {k: v for k, v in {**flags, "R_PAD": r_pad, **config.kwargs}.items() if k in names}
+    variant = variant or next(iter(VARIANTS[name]))
+    flags = {**FLAGS, "FUSED_SHRINK": M <= 64, **VARIANTS[name][variant]}  # decode fuses the shrink, as the launcher does
+    dtype, adapters = flags.pop("dtype", "bf16"), flags.pop("adapters", "bf16")
+    from fastlora.ops.triton_ops import rank_chunk
+
+    sizes = {"R_PAD": r_pad, "R_CHUNK": rank_chunk(r_pad)}
+    constexprs = {k: v for k, v in {**flags, **sizes, **config.kwargs}.items() if k in names}
     blocks = config.kwargs
     signature, attrs = {}, {}
     for position, param in enumerate(kernel.params):
@@ -77,20 +113,21 @@ def compile_one(name: str, M: int, index: int, r_pad: int) -> dict:
             signature[arg] = "constexpr"
             constexprs[arg] = 1
         elif arg.endswith("_desc"):
-            shape = {"a_desc": [blocks["BLOCK_M"], blocks["BLOCK_K"]], "b_desc": [blocks["BLOCK_N"], blocks["BLOCK_K"]],
+            b_block = [blocks["BLOCK_N"], blocks["BLOCK_K"]] if flags["B_TRANSPOSED"] else [blocks["BLOCK_K"], blocks["BLOCK_N"]]
+            shape = {"a_desc": [blocks["BLOCK_M"], blocks["BLOCK_K"]], "b_desc": b_block,
                      "c_desc": [blocks["BLOCK_M"], blocks["BLOCK_N"]]}[arg]
-            signature[arg] = f"tensordesc<bf16[{shape[0]}, {shape[1]}]>"
+            signature[arg] = f"tensordesc<{dtype}[{shape[0]}, {shape[1]}]>"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*" + POINTER_DTYPES.get(arg, "bf16")
+            signature[arg] = "*" + POINTER_DTYPES.get(arg, adapters if arg in ADAPTER_POINTERS else dtype)
             attrs[(position,)] = [["tt.divisibility", 16]]
         elif arg in ("scaling", "dropout_p"):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg not in ("M", "R", "SPLIT_M"):
+            if arg not in ("M", "R", "SPLIT_M", "SPLIT_K", "SPLIT_N"):
                 attrs[(position,)] = [["tt.divisibility", 16]]
-    row = {"kernel": name, "M": M, "r_pad": r_pad, "config": str(config.kwargs), "num_warps": config.num_warps,
-           "num_stages": config.num_stages}
+    row = {"kernel": name, "variant": variant, "M": M, "r_pad": r_pad, "config": str(config.kwargs),
+           "num_warps": config.num_warps, "num_stages": config.num_stages}
     try:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -101,20 +138,47 @@ def compile_one(name: str, M: int, index: int, r_pad: int) -> dict:
         return {**row, "error": f"{type(error).__name__}: {str(error).strip()[:200]}"}
     ptx = compiled.asm["ptx"]
     return {**row, "shared": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
-            "tma": "cp.async.bulk.tensor" in ptx}
+            "tma": "cp.async.bulk.tensor" in ptx, **register_usage(ptx)}
 
 
-def jobs(quick: bool) -> list[tuple[str, int, int, int]]:
-    """(kernel, M, config index, r_pad) for every GPU config of every kernel: large M at r = 16,
-    64 and 128, and decode; ``quick``: the first config of each list only."""
+def register_usage(ptx: str) -> dict:
+    """Registers per thread and spill bytes of a kernel's PTX, from Triton's bundled ptxas -v."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    # Triton 3.9 emits PTX 9.x, which only its newer bundled ptxas reads
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(folder, name) for name in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, f"-arch={arch}", "-v", source, "-o", os.path.join(folder, "kernel.cubin")],
+                                capture_output=True, text=True)
+    info = result.stdout + result.stderr
+    registers = re.search(r"Used (\d+) registers", info)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
+    return {"registers": int(registers.group(1)) if registers else -1, "spill_bytes": sum(spills)}
+
+
+def jobs(quick: bool) -> list[tuple[str, int, int, int, str]]:
+    """(kernel, M, config index, r_pad, variant): every GPU config of every kernel in its first
+    variant, and the first config in the others, at large M with r = 16, 64 and 128 and at
+    decode; ``quick``: the first config of each list only."""
     from fastlora.kernels import configs
 
     configs.interpreting = lambda: False
     out = []
     for name in kernels():
-        for M, r_pad in ((8192, 16), (8192, 64), (8192, 128), (16, 16)):
-            count = 1 if quick else len(config_list(name, M, r_pad))
-            out += [(name, M, index, r_pad) for index in range(count)]
+        first, *others = VARIANTS[name]
+        for M, r_pad in RANKS:
+            count = 1 if quick or r_pad > 128 else len(config_list(name, M, r_pad, first))
+            out += [(name, M, index, r_pad, first) for index in range(count)]
+            out += [(name, M, 0, r_pad, variant) for variant in others]
     return out
 
 
@@ -130,14 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'kernel':<24} {'M':>5} {'r':>4} {'config':<58} {'w':>2} {'s':>2} {'shared KB':>9} {'wgmma':>6} {'TMA':>4}")
+    print(f"{'kernel':<24} {'variant':<18} {'M':>5} {'r':>4} {'config':<58} {'w':>2} {'s':>2} {'shared KB':>9} "
+          f"{'wgmma':>6} {'TMA':>4} {'regs':>5} {'spill B':>7}")
     for row in rows:
-        head = (f"{row['kernel']:<24} {row['M']:>5} {row['r_pad']:>4} {row['config']:<58} {row['num_warps']:>2} "
-                f"{row['num_stages']:>2}")
+        head = (f"{row['kernel']:<24} {row['variant']:<18} {row['M']:>5} {row['r_pad']:>4} {row['config']:<58} "
+                f"{row['num_warps']:>2} {row['num_stages']:>2}")
         if "error" in row:
             print(f"{head} error: {row['error']}")
         else:
-            print(f"{head} {row['shared'] / 1024:>9.1f} {str(row['wgmma']):>6} {str(row['tma']):>4}")
+            print(f"{head} {row['shared'] / 1024:>9.1f} {str(row['wgmma']):>6} {str(row['tma']):>4} "
+                  f"{row['registers']:>5} {row['spill_bytes']:>7}")
     return 0
 
 

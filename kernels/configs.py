@@ -30,13 +30,16 @@ _SAFE_GEMM = _config(32, 32, 32, num_warps=4, num_stages=2, GROUP_M=1)
 _SAFE_RANK = _config(16, 32, 32, num_warps=4, num_stages=1)
 
 
-def gemm_configs(M: int, r_pad: int = 16) -> list[triton.Config]:
+def gemm_configs(M: int, r_pad: int = 16, adapter_bytes: int = 2, pointer: bool = False) -> list[triton.Config]:
     """Tiles for the (M x N, reduce over K) GEMMs with a rank-r epilogue (forward y, backward dx).
 
     M <= 64 (decode): one rule, thin row tiles and many column tiles so that every SM streams W.
-    Large M: the epilogue's rank tiles take shared memory too, so the stages shrink as r grows
-    (compiled for sm_90, bf16, TMA kernel: 128x256x64 s3 is 220 KB at r = 16; s2 is 208 KB at
-    r = 64; 128x128x64 s3 is 224 KB at r = 128, of 227 KB; benchmarks/sm90_check.py).
+    Large M: the epilogue runs in rank chunks of 16 (kernels/tiling.rank_term), so its
+    tiles do not grow with r. The TMA kernel keeps 128 x 256 x 64 in 3 stages (measured best on
+    an H100); the pointer-load kernels (``pointer``), which stage their tiles differently, take
+    2; float32 adapters double the epilogue's tiles, so they start at 128 x 128. Each list's
+    first config compiles for sm_90 within 227 KB and without register spills in every variant
+    that launches, r = 16 ... 512 (benchmarks/sm90_check.py; tests/test_sm90_compile.py).
     """
     if interpreting():
         return [_config(16, 32, 32, num_warps=4, num_stages=1, GROUP_M=4)]
@@ -51,37 +54,45 @@ def gemm_configs(M: int, r_pad: int = 16) -> list[triton.Config]:
             _config(64, 64, 64, num_warps=4, num_stages=4, GROUP_M=8),
             _SAFE_GEMM,
         ]
-    if r_pad <= 32:
+    if adapter_bytes > 2:
         return [
-            _config(128, 256, 64, num_warps=8, num_stages=3, GROUP_M=8),
-            _config(256, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+            _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+            _config(128, 128, 64, num_warps=8, num_stages=2, GROUP_M=8),
+            _SAFE_GEMM,
+        ]
+    if pointer:
+        return [
+            _config(128, 256, 64, num_warps=8, num_stages=2, GROUP_M=8),
             _config(128, 128, 64, num_warps=8, num_stages=4, GROUP_M=8),
             _SAFE_GEMM,
         ]
-    if r_pad <= 64:
-        return [
-            _config(128, 256, 64, num_warps=8, num_stages=2, GROUP_M=8),
-            _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
-            _SAFE_GEMM,
-        ]
     return [
-        _config(128, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
-        _config(128, 128, 64, num_warps=8, num_stages=2, GROUP_M=8),
+        _config(128, 256, 64, num_warps=8, num_stages=3, GROUP_M=8),
+        _config(256, 128, 64, num_warps=8, num_stages=3, GROUP_M=8),
+        _config(128, 128, 64, num_warps=8, num_stages=4, GROUP_M=8),
         _SAFE_GEMM,
     ]
 
 
-def rank_configs(M: int) -> list[triton.Config]:
+def rank_configs(M: int, r_pad: int = 16, draws_mask: bool = False) -> list[triton.Config]:
     """Tiles for the thin rank-r passes (S = drop(x) A^T, G = dy B with dB, dA = G^T drop(x)).
 
-    Memory-bound: one rule per M class, no tuning; the small config is the fallback.
+    Memory-bound: one rule per M class and rank, no tuning; the small config is the fallback.
+    Their (rows, r) accumulators grow with r, so the blocks shrink as r grows; the shrink that
+    draws the dropout mask (``draws_mask``: Philox words in registers) takes 64 columns a step.
+    Row blocks stay 64 at r <= 32: dB's atomics scale with the number of row blocks. First
+    configs compile for sm_90 without spills up to r = 256 (G at r = 512 spills 136 bytes).
     """
     if interpreting():
         return [_config(16, 32, 32, num_warps=4, num_stages=1)]
+    if r_pad >= 128:
+        return [_config(16, 64, 64, num_warps=8, num_stages=2), _SAFE_RANK]
     if M <= 64:
         return [_config(16, 128, 128, num_warps=4, num_stages=2), _SAFE_RANK]
+    if r_pad >= 64:
+        return [_config(32, 64, 64, num_warps=4, num_stages=2), _SAFE_RANK]
     return [
-        _config(64, 128, 128, num_warps=4, num_stages=3),
+        _config(64, 128, 64 if draws_mask else 128, num_warps=4, num_stages=3),
         _config(32, 64, 64, num_warps=4, num_stages=2),
         _SAFE_RANK,
     ]

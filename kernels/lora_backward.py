@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels.dropout import load_keep
-from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
+from fastlora.kernels.tiling import grouped_tile, load_tile, rank_term, store_tile
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -17,12 +17,12 @@ def lora_grad_output_kernel(
     # pointers
     dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
     # sizes
-    M, N, R,
+    M, N, R, SPLIT_N,
     # strides
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_sm, stride_sr,
-    stride_gm, stride_gr,
+    stride_gs, stride_gm, stride_gr,
     stride_dbn, stride_dbr,
     # scalars
     scaling,
@@ -41,9 +41,13 @@ def lora_grad_output_kernel(
     the kernel ends, so no ordering is needed; their order, and so the last bits of dB and
     dbias, vary between runs; deterministic mode computes them without atomics instead).
 
-    Grid: (cdiv(M, BLOCK_M),). BLOCK_K is unused here (shared config list).
+    Grid: (cdiv(M, BLOCK_M), SPLIT_N): program (m, s) reads the column blocks s, s + SPLIT_N,
+    ... of dy and writes its partial G to G[s] (G is (SPLIT_N, M, r); the launcher sums the
+    partials in a fixed order when SPLIT_N > 1), so that narrow M still fills every SM.
+    BLOCK_K is unused here (shared config list).
     """
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
@@ -52,7 +56,7 @@ def lora_grad_output_kernel(
     if NEEDS_DB:
         s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r).to(adapter_dtype)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(pid_s * BLOCK_N, N, SPLIT_N * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
@@ -68,7 +72,7 @@ def lora_grad_output_kernel(
         if NEEDS_DBIAS:
             tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n, sem="relaxed")
     if NEEDS_G:
-        store_tile(g_ptr, g, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
+        store_tile(g_ptr + pid_s * stride_gs, g, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -89,6 +93,7 @@ def lora_grad_input_kernel(
     # meta-parameters
     HAS_DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ADAPTER_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -96,8 +101,8 @@ def lora_grad_input_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dx[m-block, k-block] = dy W + scaling * (G A) * mask / (1 - p), the rank-r term in the
-    epilogue with the forward's keep-mask read from its bits.
+    """dx[m-block, k-block] = dy W + scaling * (G A) * mask / (1 - p), the rank-r term (in rank
+    chunks of R_CHUNK) with the forward's keep-mask read from its bits.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),): here the output tile is BLOCK_M x BLOCK_N
     over dx's K columns, and BLOCK_K tiles the reduction over N.
@@ -106,26 +111,22 @@ def lora_grad_input_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    mask_r = offs_r < R
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the rank-r term starts the accumulator (masked with dropout), so one (BLOCK_M, BLOCK_N)
+    # float32 tile is live through the loop, not two
+    acc = rank_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), g_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                    stride_gm, stride_gr, stride_ar, stride_ak, scaling, ADAPTER_PRECISION, R_PAD, R_CHUNK)
+    if HAS_DROPOUT:
+        keep = load_keep(bits_ptr, offs_m, pid_k * BLOCK_N, M, K, stride_bitsm, BLOCK_N)
+        acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
     for n0 in range(0, N, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
         w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, mask_n, mask_k)
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
-
-    g = load_tile(g_ptr, offs_m, offs_r, stride_gm, stride_gr, mask_m, mask_r)
-    a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, mask_r, mask_k)
-    lora = scaling * tl.dot(g.to(a.dtype), a, input_precision=ADAPTER_PRECISION)
-    if HAS_DROPOUT:
-        keep = load_keep(bits_ptr, offs_m, pid_k * BLOCK_N, M, K, stride_bitsm, BLOCK_N)
-        lora = tl.where(keep, lora * (1.0 / (1.0 - dropout_p)), 0.0)
-    acc += lora
     store_tile(dx_ptr, acc.to(dx_ptr.dtype.element_ty), offs_m, offs_k, stride_dxm, stride_dxk, mask_m, mask_k)
 
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from fastlora.kernels.dropout import draw_keep, store_keep
-from fastlora.kernels.tiling import grouped_tile, load_tile, store_tile
+from fastlora.kernels.tiling import grouped_tile, load_tile, rank_term, store_tile
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -18,11 +18,11 @@ def lora_shrink_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr, seed_ptr, bits_ptr,
     # sizes
-    M, K, R,
+    M, K, R, SPLIT_K,
     # strides
     stride_xm, stride_xk,
     stride_ar, stride_ak,
-    stride_sm, stride_sr,
+    stride_ss, stride_sm, stride_sr,
     stride_bitsm,
     # scalars
     dropout_p,
@@ -37,9 +37,13 @@ def lora_shrink_kernel(
     """S[m-block, :] = drop(x)[m-block, :] A^T, accumulated in float32 over K; with dropout the
     keep-mask is drawn here, once, and stored as bits (M, ceil(K / 8)) for the backward.
 
-    Grid: (cdiv(M, BLOCK_M),). BLOCK_N is unused here (shared config list).
+    Grid: (cdiv(M, BLOCK_M), SPLIT_K): program (m, s) takes the column blocks s, s + SPLIT_K,
+    s + 2 SPLIT_K, ... and writes its partial sum to S[s] (S is (SPLIT_K, M, r); the launcher
+    sums the partials in a fixed order when SPLIT_K > 1), so that narrow M still fills every
+    SM. BLOCK_N is unused here (shared config list).
     """
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
@@ -47,7 +51,7 @@ def lora_shrink_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_s * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
@@ -59,7 +63,7 @@ def lora_shrink_kernel(
         acc = tl.dot(x.to(a_t.dtype), a_t, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    store_tile(s_ptr, acc, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
+    store_tile(s_ptr + pid_s * stride_ss, acc, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -81,6 +85,7 @@ def lora_forward_kernel(
     HAS_BIAS: tl.constexpr,
     FUSED_SHRINK: tl.constexpr,
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ADAPTER_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -90,9 +95,10 @@ def lora_forward_kernel(
 ):
     """y[m-block, n-block] = x W^T + b + scaling * S B^T, float32 accumulation, one store.
 
-    S (M, r) float32 is read from s_ptr, or, with FUSED_SHRINK (no dropout: the decode path's
-    single launch), accumulated here as x A^T from the same x tiles as the main product and
-    stored by the programs of the first column block.
+    S (M, r) float32 is read from s_ptr (its term, in rank chunks of R_CHUNK, starts the
+    accumulator), or, with FUSED_SHRINK (no dropout, r <= 64: the decode path's single
+    launch), accumulated here as x A^T from the same x tiles as the main product and stored
+    by the programs of the first column block.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), programs grouped GROUP_M rows at a time so
     neighbouring programs share W tiles in L2.
@@ -108,6 +114,9 @@ def lora_forward_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if not FUSED_SHRINK:  # S is known: the rank-r term starts the accumulator (one tile live)
+        acc = rank_term(acc, s_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_sm, stride_sr,
+                        stride_br, stride_bn, scaling, ADAPTER_PRECISION, R_PAD, R_CHUNK)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -121,11 +130,8 @@ def lora_forward_kernel(
     if FUSED_SHRINK:
         if pid_n == 0:
             store_tile(s_ptr, s, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
-    else:
-        s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
-    b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
-    lora = tl.dot(s.to(b_t.dtype), b_t, input_precision=ADAPTER_PRECISION)
-    acc += scaling * lora
+        b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
+        acc = tl.dot((scaling * s).to(b_t.dtype), b_t, acc, input_precision=ADAPTER_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]

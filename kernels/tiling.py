@@ -1,4 +1,5 @@
-"""Tile helpers shared by the kernels: program-id to output-tile order, masked 2-D loads and stores."""
+"""Tile helpers shared by the kernels: program-id to output-tile order, masked 2-D loads and
+stores, and the GEMMs' rank-r epilogue term in rank chunks."""
 
 import triton
 import triton.language as tl
@@ -30,3 +31,18 @@ def load_tile(ptr, offs_a, offs_b, stride_a, stride_b, mask_a, mask_b):
 def store_tile(ptr, value, offs_a, offs_b, stride_a, stride_b, mask_a, mask_b):
     """Store ``value`` at ptr[offs_a * stride_a + offs_b * stride_b] inside mask_a x mask_b."""
     tl.store(ptr + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b, value, mask=mask_a[:, None] & mask_b[None, :])
+
+
+@triton.jit
+def rank_term(acc, l_ptr, r_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_lm, stride_lr, stride_rr, stride_rc,
+              scaling, PRECISION: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr):
+    """acc + scaling * L[offs_m, :R] R[:R, offs_c] in float32, over rank chunks of R_CHUNK (a
+    loop, so one chunk's tiles are live at a time whatever r is). L is float32 (S or G); the
+    product runs in R's dtype (the adapters')."""
+    for r0 in range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        mask_r = offs_r < R
+        right = load_tile(r_ptr, offs_r, offs_c, stride_rr, stride_rc, mask_r, mask_c)
+        left = (scaling * load_tile(l_ptr, offs_m, offs_r, stride_lm, stride_lr, mask_m, mask_r)).to(right.dtype)
+        acc = tl.dot(left, right, acc, input_precision=PRECISION)
+    return acc

@@ -136,7 +136,7 @@ def test_a_config_too_big_for_the_gpu_is_dropped_at_launch(monkeypatch):
 
     too_big = triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
     fits = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)
-    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: [too_big, fits])
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad, *rest, **kw: [too_big, fits])
     launcher.forget_choices()
     case = Case(M=512, K=256, N=384, r=16, dtype=torch.bfloat16, dropout_p=0.1)
     inputs = make_inputs(case)

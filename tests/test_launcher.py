@@ -51,7 +51,7 @@ def test_a_config_that_does_not_compile_is_dropped(monkeypatch, launcher):
 
     bad = gemm(BLOCK_M=24)  # tl.arange needs a power of two: fails to compile
     good = gemm(BLOCK_M=16)
-    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: [bad, good])
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad, *rest, **kw: [bad, good])
     run_and_check()
     assert chosen(launcher, "lora_forward_kernel") == [good]
     assert chosen(launcher, "lora_grad_input_kernel") == [good]
@@ -62,7 +62,7 @@ def test_a_config_that_runs_out_of_resources_is_dropped(monkeypatch, launcher):
 
     too_big = gemm(BLOCK_M=16, BLOCK_K=64)
     fits = gemm(BLOCK_M=16, BLOCK_K=32)
-    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: [too_big, fits])
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad, *rest, **kw: [too_big, fits])
     real_run = launcher._run
 
     def run(kernel, grid, args, meta, config):
@@ -78,7 +78,7 @@ def test_a_config_that_runs_out_of_resources_is_dropped(monkeypatch, launcher):
 def test_no_config_fits_raises_naming_kernel_shape_and_dtypes(monkeypatch, launcher):
     from fastlora.ops import triton_ops
 
-    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: [gemm(BLOCK_M=24), gemm(BLOCK_M=48)])
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad, *rest, **kw: [gemm(BLOCK_M=24), gemm(BLOCK_M=48)])
     x = torch.randn(5, 8)
     with fastlora.use_backend("triton"), pytest.raises(RuntimeError) as raised:
         fastlora.lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0)
@@ -92,7 +92,7 @@ def test_a_new_M_in_the_same_bucket_reuses_the_choice(monkeypatch, launcher):
 
     calls = []
     real = triton_ops.gemm_configs
-    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad: calls.append(M) or real(M, r_pad))
+    monkeypatch.setattr(triton_ops, "gemm_configs", lambda M, r_pad, *rest, **kw: calls.append(M) or real(M, r_pad, *rest, **kw))
     run_and_check(M=40)
     keys = set(launcher.chosen_configs())
     run_and_check(M=61)  # bucket 64 as well

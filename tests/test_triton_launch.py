@@ -84,3 +84,18 @@ def test_decode_forward_is_one_launch_without_dropout(monkeypatch, dropout_p, la
     with fastlora.use_backend("triton"):
         fastlora.lora_linear(x, torch.randn(24, 40), None, torch.randn(4, 40), torch.randn(24, 4), 0.5, dropout_p, True)
     assert seen == launches
+
+
+def test_narrow_m_splits_the_memory_bound_passes_over_columns():
+    """Too few row blocks for every SM (the interpreter counts 4): the shrink splits over K
+    and G over N, each program writing float32 partials summed in a fixed order."""
+    from fastlora.ops import triton_ops
+
+    cpu = torch.device("cpu")
+    assert triton_ops.column_splits(20, 48, 16, 32, cpu) == 2  # 2 row blocks, 2 column blocks
+    assert triton_ops.column_splits(20, 4096, 16, 32, cpu) == 2  # about one program per SM
+    assert triton_ops.column_splits(200, 4096, 16, 32, cpu) == 1  # 13 row blocks fill 4 SMs
+    assert triton_ops.column_splits(1, 4096, 16, 32, cpu) == 4
+    S = torch.zeros(20, 4)
+    assert triton_ops.split_buffer(S, 1).data_ptr() == S.data_ptr()
+    assert triton_ops.split_buffer(S, 3).shape == (3, 20, 4)

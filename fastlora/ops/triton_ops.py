@@ -39,8 +39,26 @@ def padded_rank(r: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 operands multiply in full precision (the reference does); halves are exact anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """How tl.dot multiplies operands of ``dtype``: float32 follows torch's own setting
+    (``torch.get_float32_matmul_precision()``: TF32 unless it is "highest", as cuBLAS does);
+    halves are exact in either mode."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def epilogue_precision(out_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """The GEMMs' rank-r epilogue product, whose result is rounded into ``out_dtype``: TF32
+    (unit roundoff 2^-11) for a bfloat16 output, whose own rounding (2^-8) dwarfs it, even with
+    float32 adapters (an IEEE float32 product there spills registers and overflows shared
+    memory: benchmarks/sm90_check.py); otherwise as ``dot_precision``."""
+    return "tf32" if out_dtype == torch.bfloat16 else dot_precision(adapter_dtype)
+
+
+def rank_chunk(r_pad: int) -> int:
+    """Rank columns per step of the GEMMs' epilogue loop (kernels/tiling.rank_term): 16, one
+    MMA deep; a 32-wide single step pushed 128 x 256 x 64 in 3 stages to 232 KB (sm90_check)."""
+    return min(r_pad, 16)
 
 
 def weight_strides(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
@@ -59,6 +77,23 @@ def split_rows(M: int, K: int, device: torch.device) -> int:
     """Row splits of the dA reduction: enough (cdiv(K, 128) x splits) programs for two per SM,
     at most 16 and at most one per 64 rows."""
     return max(1, min(triton.cdiv(M, 64), 16, 2 * multiprocessor_count(device) // triton.cdiv(K, 128)))
+
+
+def column_splits(M: int, columns: int, block_rows: int, block_columns: int, device: torch.device) -> int:
+    """Column splits of a pass over row blocks (the shrink over K, G over N): 1 when the
+    cdiv(M, block_rows) row blocks fill every SM, else enough for about one program per SM, at
+    most 8 and at most one per column block."""
+    row_blocks = triton.cdiv(M, block_rows)
+    sms = multiprocessor_count(device)
+    if row_blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, row_blocks), triton.cdiv(columns, block_columns), 8))
+
+
+def split_buffer(out: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a split pass writes: ``out`` itself as (1, M, r) without a split, else float32
+    partials (split, M, r) that the caller sums (in a fixed order) into ``out``."""
+    return out[None] if split == 1 else out.new_empty((split, *out.shape))
 
 
 DECODE_ROWS = 64  # M up to this takes the decode path: pointer kernels, a one-launch forward
@@ -104,7 +139,8 @@ def gemm_on_tma(
     r_pad = padded_rank(R)
     meta = dict(
         B_TRANSPOSED=b_transposed, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
-        INPUT_PRECISION=dot_precision(a.dtype), ADAPTER_PRECISION=dot_precision(right.dtype), NUM_SMS=num_sms,
+        R_CHUNK=rank_chunk(r_pad), INPUT_PRECISION=dot_precision(a.dtype),
+        ADAPTER_PRECISION=epilogue_precision(out.dtype, right.dtype), NUM_SMS=num_sms,
     )
     key = shape_key(name, M, C, RED, r_pad, a, right, **meta)
     if key in _tma_failed:
@@ -128,7 +164,7 @@ def gemm_on_tma(
         launch(
             lora_gemm_tma_kernel,
             lambda c: (min(num_sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(C, c["BLOCK_N"])),),
-            args, meta, key, lambda: gemm_configs(M, r_pad), describe, tunable=True, like=a,
+            args, meta, key, lambda: gemm_configs(M, r_pad, right.element_size()), describe, tunable=True, like=a,
         )
     except RuntimeError:  # no config of the TMA kernel runs here: the pointer kernels take this shape
         _tma_failed.add(key)
@@ -170,7 +206,7 @@ def split_m_product(
          bits_row_stride(keep_bits),
          scaling, dropout_p),
         meta, shape_key("lora_grad_a_kernel", M, 0, C, r_pad, right, adapter, **meta),
-        lambda: rank_configs(M), describe,
+        lambda: rank_configs(M, r_pad), describe,
     )
     return partial[0] if split == 1 else partial.sum(0)
 
@@ -196,29 +232,41 @@ def forward(
     r_pad = padded_rank(R)
     has_dropout = seed is not None and dropout_p > 0.0
     describe = describer(M, N, K, R, x=x, lora_A=lora_A)
-    # decode without dropout: one launch, S accumulated inside the forward GEMM
-    fused_shrink = M <= DECODE_ROWS and not has_dropout
+    # decode without dropout: one launch, S accumulated inside the forward GEMM (its (rows, r)
+    # accumulator and A tiles stay small up to r = 64)
+    fused_shrink = M <= DECODE_ROWS and not has_dropout and r_pad <= 64
     if not fused_shrink:
         shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
+        parts = {}
+
+        def splits(blocks: dict) -> int:
+            return column_splits(M, K, blocks["BLOCK_M"], blocks["BLOCK_K"], x.device)
+
+        def shrink_args(blocks: dict) -> tuple:
+            parts["S"] = partial = split_buffer(S, splits(blocks))
+            return (x, lora_A, partial, seed if has_dropout else S, keep_bits,
+                    M, K, R, partial.shape[0],
+                    x.stride(0), x.stride(1),
+                    lora_A.stride(0), lora_A.stride(1),
+                    partial.stride(0), partial.stride(1), partial.stride(2),
+                    bits_row_stride(keep_bits),
+                    dropout_p)
+
         launch(
-            lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
-            (x, lora_A, S, seed if has_dropout else S, keep_bits,
-             M, K, R,
-             x.stride(0), x.stride(1),
-             lora_A.stride(0), lora_A.stride(1),
-             S.stride(0), S.stride(1),
-             bits_row_stride(keep_bits),
-             dropout_p),
+            lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits(c)), shrink_args,
             shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
-            lambda: rank_configs(M), describe,
+            lambda: rank_configs(M, r_pad, draws_mask=has_dropout), describe, like=x,
         )
+        if parts["S"].shape[0] > 1:
+            torch.sum(parts["S"], 0, out=S)
         if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
                        lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
             return y, S, keep_bits
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
     forward_meta = dict(
-        HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, R_PAD=r_pad,
-        INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_B.dtype),
+        HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
+        INPUT_PRECISION=dot_precision(x.dtype),
+        ADAPTER_PRECISION=dot_precision(lora_B.dtype) if fused_shrink else epilogue_precision(y.dtype, lora_B.dtype),
     )
     launch(
         lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
@@ -232,7 +280,7 @@ def forward(
          y.stride(0), y.stride(1),
          scaling),
         forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
-        lambda: gemm_configs(M, r_pad), describe, tunable=True,
+        lambda: gemm_configs(M, r_pad, lora_B.element_size(), pointer=True), describe, tunable=True,
     )
     return y, S, keep_bits
 
@@ -277,19 +325,30 @@ def backward(
             NEEDS_G=needs_g, NEEDS_DB=atomic_dB, NEEDS_DBIAS=atomic_dbias,
             R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_B.dtype),
         )
+        parts = {}
+
+        def splits(blocks: dict) -> int:
+            return column_splits(M, N, blocks["BLOCK_M"], blocks["BLOCK_N"], dy.device)
+
+        def output_args(blocks: dict) -> tuple:
+            split = splits(blocks)
+            parts["G"] = partial = split_buffer(G, split if needs_g else 1)
+            return (dy, lora_B, S, partial, dB, dbias,
+                    M, N, R, split,
+                    dy.stride(0), dy.stride(1),
+                    lora_B.stride(0), lora_B.stride(1),
+                    S.stride(0), S.stride(1),
+                    partial.stride(0), partial.stride(1), partial.stride(2),
+                    dB.stride(0), dB.stride(1),
+                    scaling)
+
         launch(
-            lora_grad_output_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
-            (dy, lora_B, S, G, dB, dbias,
-             M, N, R,
-             dy.stride(0), dy.stride(1),
-             lora_B.stride(0), lora_B.stride(1),
-             S.stride(0), S.stride(1),
-             G.stride(0), G.stride(1),
-             dB.stride(0), dB.stride(1),
-             scaling),
+            lora_grad_output_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits(c)), output_args,
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
-            lambda: rank_configs(M), describe,
+            lambda: rank_configs(M, r_pad), describe, like=dy,
         )
+        if parts["G"].shape[0] > 1:
+            torch.sum(parts["G"], 0, out=G)
     if fixed_order and needs_dB:
         dB = split_m_product(S, dy, lora_B, keep_bits, scaling, 0.0, False, describe).t().contiguous()
     if fixed_order and needs_dbias:
@@ -300,8 +359,8 @@ def backward(
     ):
         stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
         input_meta = dict(
-            HAS_DROPOUT=has_dropout, R_PAD=r_pad,
-            INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=dot_precision(lora_A.dtype),
+            HAS_DROPOUT=has_dropout, R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
+            INPUT_PRECISION=dot_precision(x.dtype), ADAPTER_PRECISION=epilogue_precision(dx.dtype, lora_A.dtype),
         )
         launch(
             lora_grad_input_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),),
@@ -315,7 +374,7 @@ def backward(
              bits_row_stride(keep_bits),
              scaling, dropout_p),
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
-            lambda: gemm_configs(M, r_pad), describe, tunable=True,
+            lambda: gemm_configs(M, r_pad, lora_A.element_size(), pointer=True), describe, tunable=True,
         )
     if needs_dA and M == 0:
         dA = lora_A.new_zeros(lora_A.shape)
