@@ -99,3 +99,54 @@ def test_narrow_m_splits_the_memory_bound_passes_over_columns():
     S = torch.zeros(20, 4)
     assert triton_ops.split_buffer(S, 1).data_ptr() == S.data_ptr()
     assert triton_ops.split_buffer(S, 3).shape == (3, 20, 4)
+
+
+def test_the_weights_tma_descriptor_is_built_once_per_pointer_and_block():
+    from fastlora.ops import triton_ops
+
+    if triton_ops.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    weight = torch.randn(64, 48)
+    first = triton_ops.weight_descriptor(weight, [32, 16])
+    assert triton_ops.weight_descriptor(weight, [32, 16]) is first
+    other_block = triton_ops.weight_descriptor(weight, [16, 16])
+    assert other_block is not first and other_block.block_shape == [16, 16]
+    weight.data = torch.randn(64, 48)  # a new storage (e.g. after .to(device)): a new descriptor
+    fresh = triton_ops.weight_descriptor(weight, [32, 16])
+    assert fresh is not first and fresh.base.data_ptr() == weight.data_ptr()
+
+
+def test_host_side_torch_ops_per_call(monkeypatch):
+    """The torch ops the triton backend issues around its kernels, counted with the kernels
+    themselves stubbed out: allocations, the memset of the atomics' buffer, partial sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastlora.ops import triton_ops
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def no_kernel(kernel, grid, args, meta, key, configs, *rest, **kwargs):
+        if callable(args):  # what a launch does besides running the kernel: build its arguments
+            args(configs()[0].kwargs)
+
+    monkeypatch.setattr(triton_ops, "launch", no_kernel)
+    monkeypatch.setattr(triton_ops, "gemm_on_tma", lambda *args, **kwargs: False)
+    M, K, N, R = 256, 64, 48, 8
+    x, weight, A, B = torch.randn(M, K), torch.randn(N, K), torch.randn(R, K), torch.randn(N, R)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with Count() as forward:
+        y, S, bits = triton_ops.forward(x, weight, torch.randn(N), A, B, 0.5, 0.1, seed, False)
+    with Count() as backward:
+        triton_ops.backward(torch.randn(M, N), x, weight, A, B, S, bits, 0.5, 0.1, seed, False, True, True, True, True)
+    allocations = [n for n in forward.names if n != "randn"]
+    assert sorted(allocations) == ["new_empty", "new_empty", "new_empty", "unsqueeze"]  # y, S, bits; S as (1, M, r)
+    ops = [n for n in backward.names if n != "randn"]
+    # G, one memset for dB + dbias (and their views), dx, G as (1, M, r), dA's partials and their sum
+    assert ops == ["new_empty", "new_zeros", "slice", "view", "slice", "new_empty", "unsqueeze", "new_empty", "sum"]

@@ -122,6 +122,22 @@ def tma_aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def weight_descriptor(weight: torch.Tensor, block: list[int]):
+    """The TMA descriptor of the frozen weight for ``block``, built once and kept on the weight
+    itself, keyed by (pointer, shape, strides, block): a weight moved or replaced gets a new one,
+    and the descriptor goes with the weight (no global cache keeping tensors alive).
+    Activations get a fresh descriptor per call (about 3 us each on the host): caching them
+    would keep each layer's last activation alive, or, since new activations usually get new
+    addresses, never hit."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), tuple(block))
+    cache = weight.__dict__.setdefault("_fastlora_tma_descriptors", {})
+    descriptor = cache.get(key)
+    if descriptor is None:
+        cache.clear()  # an older pointer or layout: its descriptors are stale
+        descriptor = cache[key] = TensorDescriptor.from_tensor(weight, block)
+    return descriptor
+
+
 def gemm_on_tma(
     name: str, a: torch.Tensor, weight: torch.Tensor, b_transposed: bool, out: torch.Tensor,
     left: torch.Tensor, right: torch.Tensor, stride_rr: int, stride_rc: int, bias: torch.Tensor | None,
@@ -150,7 +166,7 @@ def gemm_on_tma(
         bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
         return (
             TensorDescriptor.from_tensor(a, [bm, bk]),
-            TensorDescriptor.from_tensor(weight, [bn, bk] if b_transposed else [bk, bn]),
+            weight_descriptor(weight, [bn, bk] if b_transposed else [bk, bn]),
             TensorDescriptor.from_tensor(out, [bm, bn]),
             left, right, bias if bias is not None else out, keep_bits,
             M, C, RED, R,
@@ -317,7 +333,6 @@ def backward(
     dB = sums[: N * R].view(N, R) if atomic_dB else sums.new_empty((0, R))
     dbias = sums[N * R if atomic_dB else 0:] if atomic_dbias else sums.new_empty((0,))
     dx = x.new_empty((M, K) if needs_dx else (0, K))
-    dA = lora_A.new_empty((0, K))
     dy = dy if dy.stride(-1) == 1 or dy.stride(0) == 1 else dy.contiguous()
     describe = describer(M, N, K, R, dy=dy, lora_A=lora_A)
     if M > 0 and (needs_g or atomic_dB or atomic_dbias):
@@ -376,9 +391,11 @@ def backward(
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
             lambda: gemm_configs(M, r_pad, lora_A.element_size(), pointer=True), describe, tunable=True,
         )
-    if needs_dA and M == 0:
+    if not needs_dA:
+        dA = lora_A.new_empty((0, K))
+    elif M == 0:
         dA = lora_A.new_zeros(lora_A.shape)
-    elif needs_dA:
+    else:
         dA = split_m_product(G, x, lora_A, keep_bits, scaling, dropout_p, has_dropout, describe).to(lora_A.dtype)
     return dx, dA, dB.to(lora_B.dtype), dbias.to(dy.dtype)
 
