@@ -144,3 +144,21 @@ def test_tracing_with_fake_tensors_puts_one_config_in_the_graph(monkeypatch, lau
         launcher.launch(object(), lambda c: (1,), (x,), {}, ("kernel", 1), lambda: [first, second], lambda: "")
     assert recorded == [first]
     assert launcher.chosen_configs() == {}
+
+
+def test_the_first_gemm_config_is_estimated_to_fit_an_h100_for_each_adapter_dtype():
+    """The launcher's pre-compile filter (epilogue tiles counted) keeps each list's first
+    config for bf16 activations with bf16 or fp32 adapters, so that config compiles first."""
+    from benchmarks.sm90_check import H100_SHARED_BYTES
+    from fastlora.kernels import configs
+    from fastlora.kernels.configs import estimated_shared_bytes
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(configs, "interpreting", lambda: False)
+        for adapter_bytes in (2, 4):
+            for pointer in (False, True):
+                for r_pad in (16, 64, 128, 512):
+                    first = configs.gemm_configs(8192, r_pad, adapter_bytes, pointer)[0]
+                    assert estimated_shared_bytes(first, 2, adapter_bytes) <= H100_SHARED_BYTES
+        too_big = configs._config(128, 256, 64, num_warps=8, num_stages=3, GROUP_M=8)
+        assert estimated_shared_bytes(too_big, 2, 4) > H100_SHARED_BYTES  # fp32 adapters: one stage less

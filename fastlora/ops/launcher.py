@@ -122,13 +122,15 @@ def _device_shared_bytes(device: torch.device) -> int:
     return getattr(properties, "shared_memory_per_block_optin", 0) or 48 * 1024
 
 
-def fitting_first(candidates: Sequence[triton.Config], device: torch.device, element_bytes: int) -> list[triton.Config]:
-    """The candidates whose estimated shared memory fits the device first (in their order),
-    then the others: no compile is spent on a config known not to fit."""
+def fitting_first(candidates: Sequence[triton.Config], device: torch.device, element_bytes: int,
+                  adapter_bytes: int = 0) -> list[triton.Config]:
+    """The candidates whose estimated shared memory (with the GEMMs' epilogue tiles when
+    ``adapter_bytes`` is given) fits the device first, in their order, then the others: no
+    compile is spent on a config known not to fit."""
     if device.type != "cuda":
         return list(candidates)
     limit = _device_shared_bytes(device)
-    fits = [c for c in candidates if estimated_shared_bytes(c, element_bytes) <= limit]
+    fits = [c for c in candidates if estimated_shared_bytes(c, element_bytes, adapter_bytes) <= limit]
     return fits + [c for c in candidates if c not in fits]
 
 
@@ -148,6 +150,7 @@ def launch(
     describe: Callable[[], str],
     tunable: bool = False,
     like: torch.Tensor | None = None,
+    adapter_bytes: int = 0,
 ) -> None:
     """Launch ``kernel[grid(config)](*args, **meta, **config)`` with the config chosen for ``key``.
 
@@ -156,12 +159,14 @@ def launch(
     ``describe()`` gives the shape and dtypes for the error raised when no candidate runs;
     ``tunable``: the kernel only writes its outputs, so it may be run repeatedly to time it;
     ``like``: the tensor whose device and element size the configs are sized for (default: the
-    first tensor argument).
+    first tensor argument); ``adapter_bytes``: the adapters' element size, for a GEMM whose
+    rank-r epilogue tiles count in its shared memory.
     """
     config = _chosen.get(key)
     tensor = like if like is not None else next(a for a in args if isinstance(a, torch.Tensor))
     if tracing(tensor):  # nothing runs yet: the chosen config, or the first that should fit, goes in the graph
-        _run(kernel, grid, args, meta, config or fitting_first(configs(), tensor.device, tensor.element_size())[0])
+        _run(kernel, grid, args, meta,
+             config or fitting_first(configs(), tensor.device, tensor.element_size(), adapter_bytes)[0])
         return
     if config is not None:
         try:
@@ -170,7 +175,7 @@ def launch(
         except Exception:  # e.g. a new specialisation of the same key that does not fit
             del _chosen[key]
     candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
-    candidates = fitting_first(candidates, tensor.device, tensor.element_size())
+    candidates = fitting_first(candidates, tensor.device, tensor.element_size(), adapter_bytes)
     errors = []
     runnable = []
     saved = _from_disk(key, candidates) if tunable and tuning_enabled() else None

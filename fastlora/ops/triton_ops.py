@@ -181,6 +181,7 @@ def gemm_on_tma(
             lora_gemm_tma_kernel,
             lambda c: (min(num_sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(C, c["BLOCK_N"])),),
             args, meta, key, lambda: gemm_configs(M, r_pad, right.element_size()), describe, tunable=True, like=a,
+            adapter_bytes=right.element_size(),
         )
     except RuntimeError:  # no config of the TMA kernel runs here: the pointer kernels take this shape
         _tma_failed.add(key)
@@ -297,6 +298,7 @@ def forward(
          scaling),
         forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
         lambda: gemm_configs(M, r_pad, lora_B.element_size(), pointer=True), describe, tunable=True,
+        adapter_bytes=lora_B.element_size(),
     )
     return y, S, keep_bits
 
@@ -390,6 +392,7 @@ def backward(
              scaling, dropout_p),
             input_meta, shape_key("lora_grad_input_kernel", M, N, K, r_pad, dy, lora_A, **input_meta),
             lambda: gemm_configs(M, r_pad, lora_A.element_size(), pointer=True), describe, tunable=True,
+            adapter_bytes=lora_A.element_size(),
         )
     if not needs_dA:
         dA = lora_A.new_empty((0, K))
