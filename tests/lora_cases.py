@@ -56,6 +56,19 @@ class Case:
         return "-".join(parts)
 
 
+def small_inputs(M=6, K=8, N=5, r=2, dtype=torch.float32, adapter_dtype=None) -> dict:
+    """Small leaf tensors for lora_linear's edge tests: x, bias, lora_A, lora_B require grad."""
+    g = torch.Generator().manual_seed(0)
+    adapter_dtype = adapter_dtype or dtype
+    return dict(
+        x=torch.randn(M, K, generator=g).to(dtype).requires_grad_(),
+        weight=torch.randn(N, K, generator=g).to(dtype),
+        bias=torch.randn(N, generator=g).to(dtype).requires_grad_(),
+        lora_A=torch.randn(r, K, generator=g).to(adapter_dtype).requires_grad_(),
+        lora_B=torch.randn(N, r, generator=g).to(adapter_dtype).requires_grad_(),
+    )
+
+
 def make_inputs(case: Case, seed: int = 0, device: str = "cpu") -> dict:
     """Leaf tensors for a case: x, weight (frozen), bias, lora_A, lora_B, all float64 masters."""
     g = torch.Generator().manual_seed(seed)

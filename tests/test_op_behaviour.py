@@ -10,21 +10,9 @@ import torch.nn as nn
 
 import fastlora
 import fastlora.reference as reference
-from lora_cases import available_backends, observe_keep_mask
+from lora_cases import available_backends, observe_keep_mask, small_inputs as inputs
 
 BACKENDS = available_backends("cpu")
-
-
-def inputs(M=6, K=8, N=5, r=2, dtype=torch.float32, adapter_dtype=None):
-    g = torch.Generator().manual_seed(0)
-    adapter_dtype = adapter_dtype or dtype
-    return dict(
-        x=torch.randn(M, K, generator=g).to(dtype).requires_grad_(),
-        weight=torch.randn(N, K, generator=g).to(dtype),
-        bias=torch.randn(N, generator=g).to(dtype).requires_grad_(),
-        lora_A=torch.randn(r, K, generator=g).to(adapter_dtype).requires_grad_(),
-        lora_B=torch.randn(N, r, generator=g).to(adapter_dtype).requires_grad_(),
-    )
 
 
 def call(t, scaling=0.5, **kw):

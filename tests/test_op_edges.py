@@ -11,20 +11,9 @@ import torch.nn as nn
 
 import fastlora
 import fastlora.reference as reference
-from lora_cases import available_backends, observe_keep_mask
+from lora_cases import available_backends, observe_keep_mask, small_inputs
 
 BACKENDS = available_backends("cpu")
-
-
-def tensors(M=6, K=8, N=5, r=2, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        x=torch.randn(M, K, generator=g).to(dtype).requires_grad_(),
-        weight=torch.randn(N, K, generator=g).to(dtype),
-        bias=torch.randn(N, generator=g).to(dtype).requires_grad_(),
-        lora_A=torch.randn(r, K, generator=g).to(dtype).requires_grad_(),
-        lora_B=torch.randn(N, r, generator=g).to(dtype).requires_grad_(),
-    )
 
 
 def args(t):
@@ -34,7 +23,7 @@ def args(t):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["strided", "expanded"])
 def test_strided_and_expanded_bias(backend, layout):
-    t = tensors(N=6)
+    t = small_inputs(N=6)
     if layout == "strided":  # every other element of a longer vector
         bias = torch.randn(12).requires_grad_()
         view = bias[::2]
@@ -72,8 +61,8 @@ def test_double_backward_matches_reference(backend, dropout_p):
     with fastlora.use_backend(backend):
         mask = observe_keep_mask((6, 8), dropout_p, seed=7) if dropout_p else None
         torch.manual_seed(7)
-        ours = second_order(fastlora.lora_linear, tensors(), dropout_p)
-    theirs = second_order(reference.lora_linear, tensors(), dropout_p, mask)
+        ours = second_order(fastlora.lora_linear, small_inputs(), dropout_p)
+    theirs = second_order(reference.lora_linear, small_inputs(), dropout_p, mask)
     for name, a, b in zip(["x", "lora_A", "lora_B", "dy"], ours, theirs):
         assert b.abs().max() > 0, name  # every second-order gradient here is nonzero
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"second-order gradient of {name}")
@@ -162,10 +151,10 @@ def test_loralib_code_that_trains_the_weight_too():
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_forced_fused_backend_refuses_what_only_plain_autograd_runs(backend):
-    t = tensors(dtype=torch.float64)
+    t = small_inputs(dtype=torch.float64)
     with fastlora.use_backend(backend), pytest.raises(RuntimeError, match="float64"):
         fastlora.lora_linear(*args(t))
-    t = tensors()
+    t = small_inputs()
     t["weight"].requires_grad_(True)
     with fastlora.use_backend(backend), pytest.raises(RuntimeError, match="requires grad"):
         fastlora.lora_linear(*args(t))
