@@ -14,8 +14,9 @@
 // drop(x) = x * keep / (1 - p). The forward draws the keep-mask from the seed (philox.h, the
 // same numbers as the Triton kernels) and returns it as bits (M x K / 8 bytes) for the
 // backward; inside a block it is expanded to multipliers keep / (1 - p). The low-rank terms run in float32 whatever x's dtype, and the
-// dA / dB partial sums are one per chunk of rows, summed in chunk order: the result does not
-// depend on thread timing.
+// dA / dB partial sums are one per chunk of rows (at most 16 chunks, whatever the thread
+// count), summed in chunk order: the result depends neither on thread timing nor on the
+// number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -56,10 +57,14 @@ Dropout dropout_of(const std::optional<at::Tensor>& seed, double dropout_p) {
   return {true, seed_value, static_cast<float>(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p))};
 }
 
-// The number of chunks for_each_row_chunk splits M rows into: at most get_num_threads().
+// The number of chunks for_each_row_chunk splits M rows into: at most kMaxRowChunks, never a
+// function of the thread count, so the partial sums (and the result's last bits) are the same
+// on 1, 2 or 64 threads; the threads share the chunks.
+constexpr int64_t kMaxRowChunks = 16;
+
 int64_t row_chunk_count(int64_t M) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxRowChunks, blocks));
 }
 
 // Runs body(chunk, row_begin, row_end) for row_chunk_count(M) chunks of whole kBlockRows
@@ -202,8 +207,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_fwd_cpp(
   return {y, S, keep_bits};
 }
 
-// parts (chunks, ...) summed over chunks in order; the one part itself when there is one.
-at::Tensor sum_of_parts(const at::Tensor& parts) { return parts.size(0) == 1 ? parts[0] : parts.sum(0); }
+// parts (chunks, ...) summed over chunks one after another, in chunk order (an element-wise
+// add per chunk: no reduction whose order could follow the thread count).
+at::Tensor sum_of_parts(const at::Tensor& parts) {
+  at::Tensor total = parts[0].clone();
+  for (int64_t chunk = 1; chunk < parts.size(0); ++chunk) total.add_(parts[chunk]);
+  return total;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_cpp(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,

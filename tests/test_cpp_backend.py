@@ -126,3 +126,36 @@ def test_killed_build_read_only_cache_and_unwritable_cache(tmp_path):
     assert unwritable.returncode == 0, unwritable.stderr
     assert "RAISED: fastlora backend 'cpp' cannot run: the cache folder" in unwritable.stdout
     assert "not writable" in unwritable.stdout and "WARNINGS: 1" in unwritable.stdout
+
+
+CHECK_THREADS = """
+import torch, fastlora
+torch.set_num_threads({threads})
+g = torch.Generator().manual_seed(0)
+M, K, N, r = 700, 96, 80, 8
+x = torch.randn(M, K, generator=g, requires_grad=True)
+W = torch.randn(N, K, generator=g)
+b = torch.randn(N, generator=g, requires_grad=True)
+A = torch.randn(r, K, generator=g, requires_grad=True)
+B = torch.randn(N, r, generator=g, requires_grad=True)
+with fastlora.use_backend("cpp"):
+    torch.manual_seed(3)
+    y = fastlora.lora_linear(x, W, b, A, B, 0.5, 0.1, True)
+    y.backward(torch.randn(M, N, generator=g))
+torch.save([t.detach() for t in (y, x.grad, A.grad, B.grad, b.grad)], {path!r})
+"""
+
+
+@needs_cpp
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    """dx, dA, dB and dbias (and y) are bitwise equal on 1, 2 and 4 threads: the partial sums
+    follow fixed row chunks, not the threads."""
+    results = []
+    for threads in (1, 2, 4):
+        path = tmp_path / f"threads{threads}.pt"
+        run = run_python(CHECK_THREADS.format(threads=threads, path=str(path)))
+        assert run.returncode == 0, run.stderr
+        results.append(torch.load(path))
+    for other in results[1:]:
+        for name, a, b in zip(("y", "dx", "dA", "dB", "dbias"), results[0], other):
+            assert torch.equal(a, b), name
