@@ -159,3 +159,24 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
     for other in results[1:]:
         for name, a, b in zip(("y", "dx", "dA", "dB", "dbias"), results[0], other):
             assert torch.equal(a, b), name
+
+
+CHECK_COMPILE_FIRST = """
+import torch, fastlora
+layer = fastlora.Linear(16, 8, r=4, lora_dropout=0.1)
+def step(x):
+    return layer(x).square().mean()
+with fastlora.use_backend("cpp"):
+    explanation = torch._dynamo.explain(step)(torch.randn(4, 16))
+print("BREAKS:", explanation.graph_break_count, [str(b.reason)[:80] for b in explanation.break_reasons])
+"""
+
+
+@needs_cpp
+def test_compiling_before_any_eager_call_never_traces_into_the_build():
+    """In a fresh process the first use of the cpp backend is inside torch.compile: the
+    extension is loaded outside tracing, so the graph has no break (there were 16, on os.stat,
+    uname and mkdir, when dynamo traced into the build)."""
+    result = run_python(CHECK_COMPILE_FIRST)
+    assert result.returncode == 0, result.stderr
+    assert "BREAKS: 0 []" in result.stdout, result.stdout

@@ -127,8 +127,12 @@ def _move_into_place(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
-    """Why the C++ backend cannot run, or None when its library is loaded (builds it once)."""
+    """Why the C++ backend cannot run, or None when its library is loaded (builds it once).
+
+    torch.compile calls this outside tracing and keeps the answer as a constant, so a graph
+    compiled before any eager call never traces into the build (file checks, the compiler)."""
     if _state["reason"] is None:  # loaded: a library once loaded stays loaded
         return None
     if os.environ.get("FASTLORA_DISABLE_EXT", "0") == "1":
