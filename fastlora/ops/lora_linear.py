@@ -170,6 +170,29 @@ class LoRALinearFunction(torch.autograd.Function):
         )
 
 
+def frozen_flat_parameter_view(weight: torch.Tensor) -> bool:
+    """True when ``weight`` is FSDP1's view (``use_orig_params=True``) of a frozen parameter
+    inside a flat parameter: the view requires grad because the adapters sharing that flat
+    parameter do, but the parameter it stands for does not, so the op treats it as frozen.
+    Read from the flat parameter's own records (``_params``, ``_numels``, ``_is_padding_mask``);
+    anything else (a different FSDP layout included) is not such a view."""
+    base = weight._base
+    params = getattr(base, "_params", None)
+    numels = getattr(base, "_numels", None)
+    padding = getattr(base, "_is_padding_mask", None)
+    if params is None or numels is None or padding is None:
+        return False
+    offset = weight.storage_offset() - base.storage_offset()
+    position, index = 0, 0
+    for numel, is_padding in zip(numels, padding):
+        if not is_padding:
+            if position == offset and index < len(params):
+                return not params[index].requires_grad
+            index += 1
+        position += numel
+    return False
+
+
 def plain_autograd_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why this call must run the reference math in plain autograd, or None.
 
@@ -239,6 +262,8 @@ def lora_linear(
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    if weight.requires_grad and weight._base is not None and frozen_flat_parameter_view(weight):
+        weight = weight.detach()
     plain_reason = plain_autograd_reason(x, weight)
     if plain_reason is not None:
         forced = _backend.current_backend()
