@@ -137,3 +137,44 @@ def test_ddp_two_processes_train_the_same_adapter_as_one(tmp_path):
     for key, value in expected.items():
         assert not torch.equal(value, start[key])
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-6)
+
+
+def adapter_trainer_run(output_dir, max_steps: int, resume: str | None = None):
+    from transformers import TrainerCallback, TrainingArguments
+
+    from fastlora.training import AdapterTrainer
+
+    class CountSteps(TrainerCallback):
+        taken = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            CountSteps.taken += 1
+
+    model = injected_llama(lora_dropout=0.1).train()
+    data = [{"input_ids": ids, "labels": ids} for ids in sequences(12)]
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
+        lr_scheduler_type="linear", warmup_steps=1, logging_steps=1, save_strategy="steps", save_steps=3,
+        report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    AdapterTrainer(model=model, args=args, train_dataset=data, callbacks=[CountSteps()]).train(
+        resume_from_checkpoint=resume)
+    return model, CountSteps.taken
+
+
+def test_adapter_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
+    whole, steps = adapter_trainer_run(tmp_path / "whole", max_steps=6)
+    assert steps == 6
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}  # no base weights in a checkpoint
+    assert (checkpoint / "adapter_model.safetensors").stat().st_size < 64 * 1024
+    resumed, steps = adapter_trainer_run(tmp_path / "resumed", max_steps=6, resume=str(checkpoint))
+    assert steps == 3  # it went on from step 3
+    expected, got = fastlora.lora_state_dict(whole), fastlora.lora_state_dict(resumed)
+    assert expected.keys() == got.keys() and len(expected) == 12
+    start = fastlora.lora_state_dict(injected_llama())
+    for key, value in expected.items():
+        assert not torch.equal(value, start[key])
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
