@@ -1,0 +1,127 @@
+"""examples/glue.py end to end on a tiny RoBERTa built from a config and a generated SST-2-style
+task in GLUE's own tsv format: it learns, a resumed run equals an uninterrupted one, and the
+deterministic flag gives identical results twice."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "glue.py"
+POSITIVE, NEGATIVE = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+FILLER = ["the", "a", "movie", "plot", "actor", "was", "and", "very", "film", "story", "it", "is"]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("glue_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_sst2(folder: Path, seed: int = 0) -> None:
+    """Sentences of filler words with two sentiment words of one polarity: the label."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    for name, count in (("train.tsv", 256), ("dev.tsv", 64)):
+        lines = ["sentence\tlabel"]
+        for _ in range(count):
+            label = rng.randrange(2)
+            words = rng.choices(FILLER, k=rng.randrange(4, 9))
+            for _ in range(2):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+            lines.append(f"{' '.join(words)}\t{label}")
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+
+def tiny_roberta(folder: Path) -> None:
+    """A 2-layer RoBERTa with a word-level tokenizer over the task's words, saved locally."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab = {w: i for i, w in enumerate(specials + POSITIVE + NEGATIVE + FILLER)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=40, pad_token_id=1, num_labels=2)
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue")
+    tiny_roberta(root / "model")
+    write_sst2(root / "SST-2")
+    return root
+
+
+def run(setup, out: Path, *extra: str) -> dict:
+    argv = ["--model_name_or_path", str(setup / "model"), "--task_name", "sst2", "--data_dir", str(setup / "SST-2"),
+            "--apply_lora", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-2",
+            "--num_train_epochs", "8", "--max_seq_length", "32", "--per_device_train_batch_size", "16",
+            "--warmup_ratio", "0.06", "--weight_decay", "0.1", "--seed", "0", "--output_dir", str(out), "--use_cpu",
+            *extra]
+    return load_example().main(argv)
+
+
+def test_glue_example_learns_saves_resumes_and_is_deterministic(setup, tmp_path):
+    whole = run(setup, tmp_path / "whole", "--use_deterministic_algorithms")
+    assert whole["eval_accuracy"] >= 0.85, whole  # chance is 0.5
+    config = json.loads((tmp_path / "whole" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    assert sorted(config["target_modules"]) == ["query", "value"]
+    again = run(setup, tmp_path / "again", "--use_deterministic_algorithms")
+    assert again["eval_accuracy"] == whole["eval_accuracy"] and again["eval_loss"] == whole["eval_loss"]
+    checkpoints = sorted((tmp_path / "whole").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 8 and not list(checkpoints[0].glob("model.safetensors"))
+    resumed = run(setup, tmp_path / "resumed", "--use_deterministic_algorithms",
+                  "--resume_from_checkpoint", str(checkpoints[3]))
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "resumed").glob("checkpoint-*"))
+    assert steps == [int(p.name.split("-")[1]) for p in checkpoints[4:]]  # it trained the last 4 epochs only
+    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+    assert resumed["eval_accuracy"] == whole["eval_accuracy"]
+
+
+def test_glue_metrics_per_task():
+    example = load_example()
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])
+    labels = np.array([0, 1, 0, 0])
+    cola = example.metrics_for("cola")(SimpleNamespace(predictions=logits, label_ids=labels))
+    assert cola["accuracy"] == 0.75 and cola["matthews_correlation"] == pytest.approx(0.5773502691896258)
+    mrpc = example.metrics_for("mrpc")(SimpleNamespace(predictions=logits, label_ids=labels))
+    assert mrpc["f1"] == pytest.approx(2 / 3)
+    stsb = example.metrics_for("stsb")(SimpleNamespace(predictions=np.array([[1.0], [2.0], [3.0]]),
+                                                      label_ids=np.array([1.0, 2.5, 2.9])))
+    assert stsb["spearmanr"] == pytest.approx(1.0) and 0.9 < stsb["pearson"] < 1.0
+
+
+def test_glue_example_under_torchrun_two_processes(setup, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on a CPU): the Trainer runs DDP, rank 0 saves the adapter."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLE),
+               "--model_name_or_path", str(setup / "model"), "--task_name", "sst2", "--data_dir", str(setup / "SST-2"),
+               "--apply_lora", "--learning_rate", "1e-2", "--num_train_epochs", "8", "--max_seq_length", "32",
+               "--per_device_train_batch_size", "8", "--seed", "0", "--output_dir", str(out), "--use_cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout[result.stdout.rindex("{"):result.stdout.rindex("}") + 1])
+    assert metrics["eval_accuracy"] >= 0.85, metrics
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoint-16").glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
