@@ -125,3 +125,32 @@ def test_glue_example_under_torchrun_two_processes(setup, tmp_path):
     assert metrics["eval_accuracy"] >= 0.85, metrics
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoint-16").glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+def test_glue_file_formats_are_read_with_the_glue_dataset_columns(tmp_path):
+    example = load_example()
+    mnli = tmp_path / "MNLI"
+    mnli.mkdir()
+    header = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t" \
+             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+    for name in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"):
+        (mnli / name).write_text(f"{header}\n0\t1\t2\tfiction\t(a)\t(b)\t(a)\t(b)\tA man sleeps.\tA man rests.\t"
+                                 "entailment\tentailment\n")
+    args = example.parse_args(["--model_name_or_path", "m", "--task_name", "mnli", "--data_dir", str(mnli),
+                               "--output_dir", str(tmp_path / "out")])
+    train, evaluation = example.split_files(args)
+    assert sorted(evaluation) == ["matched", "mismatched"]
+    (row,) = example.read_rows(evaluation["mismatched"], "mnli")
+    assert (row["premise"], row["hypothesis"], row["label"]) == ("A man sleeps.", "A man rests.", "entailment")
+    cola = tmp_path / "cola.tsv"  # CoLA's files have no header: source, label, original label, sentence
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n")
+    assert example.read_rows(cola, "cola") == [{"sentence": "The sailors rode the breeze clear of the rocks.", "label": "1"}]
+    mrpc = tmp_path / "mrpc.tsv"
+    mrpc.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tHe said.\tHe stated.\n")
+    (row,) = example.read_rows(mrpc, "mrpc")
+    assert (row["sentence1"], row["sentence2"], row["label"]) == ("He said.", "He stated.", "1")
+    jsonl = tmp_path / "stsb.json"
+    jsonl.write_text('{"sentence1": "a", "sentence2": "b", "label": 3.2}\n')
+    assert example.read_rows(jsonl, "stsb") == [{"sentence1": "a", "sentence2": "b", "label": 3.2}]
+    with pytest.raises(SystemExit):
+        example.parse_args(["--model_name_or_path", "m", "--task_name", "sst2", "--output_dir", "o"])  # no data
