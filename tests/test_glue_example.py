@@ -57,6 +57,22 @@ def tiny_roberta(folder: Path) -> None:
     RobertaForSequenceClassification(config).save_pretrained(folder)
 
 
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """The example sets process-wide state as a script does (deterministic algorithms, the
+    environment variables of full determinism): give the next tests the process as it was."""
+    import os
+
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    environment = dict(os.environ)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("glue")
