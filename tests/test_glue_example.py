@@ -130,8 +130,14 @@ def test_glue_example_under_torchrun_two_processes(setup, tmp_path):
     import subprocess
     import sys
 
+    import socket
+
+    with socket.socket() as probe:  # a free port on the loopback, not torchrun's fixed default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLE),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(EXAMPLE),
                "--model_name_or_path", str(setup / "model"), "--task_name", "sst2", "--data_dir", str(setup / "SST-2"),
                "--apply_lora", "--learning_rate", "1e-2", "--num_train_epochs", "8", "--max_seq_length", "32",
                "--per_device_train_batch_size", "8", "--seed", "0", "--output_dir", str(out), "--use_cpu"]
