@@ -35,8 +35,10 @@ ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right f
 FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
          "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132}
 # The variants each kernel really launches with (flags beyond FLAGS; "dtype" the activations',
-# "adapters" the adapters' dtype, default bf16). The first is compiled for every config of the
-# list, the others for the config a launch tries first.
+# "adapters" the adapters' dtype, default bf16; the epilogue multiplies fp32 adapters in TF32
+# for a bf16 output and in IEEE fp32 for an fp16 one, as triton_ops.epilogue_precision says).
+# The first is compiled for every config of the list, the others for the config a launch
+# tries first.
 VARIANTS = {
     "lora_gemm_tma_kernel": {
         "forward": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False),
@@ -45,9 +47,14 @@ VARIANTS = {
         "dx-fifo": dict(B_TRANSPOSED=True, HAS_DROPOUT=True),
         "dx-fp32-adapters": dict(B_TRANSPOSED=False, HAS_DROPOUT=True, adapters="fp32"),
         "forward-fp16": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, dtype="fp16", adapters="fp16"),
+        "dx-fp16-fp32-adapters": dict(B_TRANSPOSED=False, HAS_DROPOUT=True, dtype="fp16", adapters="fp32",
+                                      ADAPTER_PRECISION="ieee"),
     },
-    "lora_forward_kernel": {"forward": dict(HAS_BIAS=True),
-                            "forward-fp32-adapters": dict(HAS_BIAS=True, adapters="fp32", ADAPTER_PRECISION="ieee")},
+    "lora_forward_kernel": {
+        "forward": dict(HAS_BIAS=True),
+        "forward-fp32-adapters": dict(HAS_BIAS=True, adapters="fp32"),
+        "forward-fp16-fp32-adapters": dict(HAS_BIAS=True, dtype="fp16", adapters="fp32", ADAPTER_PRECISION="ieee"),
+    },
     "lora_grad_input_kernel": {"dx": dict(HAS_DROPOUT=True), "dx-no-dropout": dict(HAS_DROPOUT=False)},
     "lora_shrink_kernel": {"dropout": dict(HAS_DROPOUT=True), "no-dropout": dict(HAS_DROPOUT=False)},
     "lora_grad_output_kernel": {"all": {}},
