@@ -190,13 +190,19 @@ def inject(
         )
         layer.train(base.training)
         _set_submodule(model, name, layer)
+    mark_only_lora_as_trainable(model, bias=bias)
+    record_adapter_settings(model, bias, heads, task)
+    return model
+
+
+def record_adapter_settings(model: nn.Module, bias: str, heads: list[str], task: str | None) -> None:
+    """Keep on the model what ``save_adapter`` writes beyond its LoRA layers: the bias setting,
+    the modules_to_save (added to those of earlier calls), made trainable, and the task type."""
     saved = getattr(model, CONFIG_ATTRIBUTE, {})
     heads = sorted(set(saved.get("modules_to_save", [])) | set(heads))
-    mark_only_lora_as_trainable(model, bias=bias)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
     setattr(model, CONFIG_ATTRIBUTE, {"bias": bias, "modules_to_save": heads, "task_type": task})
-    return model
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:

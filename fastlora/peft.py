@@ -29,6 +29,7 @@ from fastlora.model import (
     is_linear,
     lora_layers,
     name_matches,
+    record_adapter_settings,
     task_type,
 )
 
@@ -210,11 +211,11 @@ def _linear_features(path: str, module: nn.Module) -> tuple[int, int]:
     raise ValueError(f"adapter module {path!r} is a {type(module).__name__}, not a linear layer")
 
 
-def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
     """Check every key and shape against ``model`` before anything changes.
 
-    Returns {module path: {"lora_A": t, "lora_B": t}} and {parameter name: tensor} for the
-    biases and the modules_to_save parameters.
+    Returns {module path: {"lora_A": t, "lora_B": t}}, {parameter name: tensor} for the
+    biases and the modules_to_save parameters, and the names of the modules_to_save.
     """
     unsupported = _unsupported(config)
     if unsupported:
@@ -259,7 +260,7 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
                     f"adapter key {PREFIX}{path}.{which}.weight: shape {tuple(tensor.shape)} does not fit "
                     f"module {path!r} (expected {expected[which]} for r={r})"
                 )
-    return adapters, params
+    return adapters, params, heads
 
 
 def _reconfigure(layer: Linear, config: dict) -> None:
@@ -284,19 +285,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     exactly as it was.
     """
     config, tensors = read_adapter(directory)
-    adapters, params = _plan_load(model, config, tensors)
+    adapters, params, heads = _plan_load(model, config, tensors)
     missing = [p for p in adapters if not isinstance(model.get_submodule(p), Linear)]
-    heads = find_modules_to_save(model, config.get("modules_to_save"))
     if missing:
         inject(
             model, missing, r=config["r"], lora_alpha=config["lora_alpha"],
             lora_dropout=config.get("lora_dropout", 0.0), bias=config.get("bias", "none"),
             use_rslora=config.get("use_rslora", False), modules_to_save=heads,
         )
-    saved = getattr(model, CONFIG_ATTRIBUTE, {})
-    saved.update(bias=config.get("bias", "none"), task_type=config.get("task_type") or task_type(model),
-                 modules_to_save=sorted(set(saved.get("modules_to_save", [])) | set(heads)))
-    setattr(model, CONFIG_ATTRIBUTE, saved)
+    record_adapter_settings(model, config.get("bias", "none"), heads, config.get("task_type") or task_type(model))
     with torch.no_grad():
         for path, pair in adapters.items():
             layer = model.get_submodule(path)
@@ -309,8 +306,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         parameters = dict(model.named_parameters())
         for name, tensor in params.items():
             parameters[name].copy_(tensor)
-    for head in heads:
-        model.get_submodule(head).requires_grad_(True)
     return model
 
 

@@ -6,10 +6,10 @@ torch version, Python version, platform and source hash; later uses load the cac
 directly and write nothing (a read-only cache holding a finished build works). A build runs
 in a fresh temporary folder beside the final one and is renamed into place when complete, so
 a build killed halfway leaves no lock that later processes would wait on, and two processes
-building at once never share a folder. An unwritable cache gives the warning below. The library registers the CPU
-kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose schema and fake kernels are
-defined here from ``schema.py``, so ``torch.compile`` sees the same op as for the other
-backends.
+building at once never share a folder. An unwritable cache gives the warning below. The
+library registers the CPU kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose
+schema and fake kernels are defined here from ``schema.py``, so ``torch.compile`` sees the
+same op as for the other backends.
 
 ``FASTLORA_DISABLE_EXT=1`` turns the extension off. Without a C++ compiler or ninja, or when
 the build fails, a one-line warning is issued and the backend reports itself unavailable:

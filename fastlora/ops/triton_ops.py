@@ -96,6 +96,28 @@ def split_buffer(out: torch.Tensor, split: int) -> torch.Tensor:
     return out[None] if split == 1 else out.new_empty((split, *out.shape))
 
 
+class ColumnSplit:
+    """A row-block pass split over its columns (``column_splits``), for the config the launcher
+    tries: ``count`` gives the grid's second dimension, ``buffer`` where the programs write
+    (``out``, or partials when ``out`` has rows to split), ``reduce`` the fixed-order sum of the
+    partials into ``out`` after the launch."""
+
+    def __init__(self, out: torch.Tensor, M: int, columns: int, column_block: str) -> None:
+        self.out, self.M, self.columns, self.column_block = out, M, columns, column_block
+        self.partial: torch.Tensor | None = None  # set by buffer, for the config that ran last
+
+    def count(self, blocks: dict) -> int:
+        return column_splits(self.M, self.columns, blocks["BLOCK_M"], blocks[self.column_block], self.out.device)
+
+    def buffer(self, blocks: dict) -> torch.Tensor:
+        self.partial = split_buffer(self.out, self.count(blocks) if self.out.shape[0] else 1)
+        return self.partial
+
+    def reduce(self) -> None:
+        if self.partial is not None and self.partial.shape[0] > 1:
+            torch.sum(self.partial, 0, out=self.out)
+
+
 DECODE_ROWS = 64  # M up to this takes the decode path: pointer kernels, a one-launch forward
 _hopper: dict[torch.device, bool] = {}
 _tma_failed: set[tuple] = set()
@@ -254,13 +276,10 @@ def forward(
     fused_shrink = M <= DECODE_ROWS and not has_dropout and r_pad <= 64
     if not fused_shrink:
         shrink_meta = dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, INPUT_PRECISION=dot_precision(lora_A.dtype))
-        parts = {}
-
-        def splits(blocks: dict) -> int:
-            return column_splits(M, K, blocks["BLOCK_M"], blocks["BLOCK_K"], x.device)
+        split = ColumnSplit(S, M, K, "BLOCK_K")
 
         def shrink_args(blocks: dict) -> tuple:
-            parts["S"] = partial = split_buffer(S, splits(blocks))
+            partial = split.buffer(blocks)
             return (x, lora_A, partial, seed if has_dropout else S, keep_bits,
                     M, K, R, partial.shape[0],
                     x.stride(0), x.stride(1),
@@ -270,12 +289,11 @@ def forward(
                     dropout_p)
 
         launch(
-            lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits(c)), shrink_args,
+            lora_shrink_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), split.count(c)), shrink_args,
             shrink_meta, shape_key("lora_shrink_kernel", M, 0, K, r_pad, x, lora_A, **shrink_meta),
             lambda: rank_configs(M, r_pad, draws_mask=has_dropout), describe, like=x,
         )
-        if parts["S"].shape[0] > 1:
-            torch.sum(parts["S"], 0, out=S)
+        split.reduce()
         if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
                        lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
             return y, S, keep_bits
@@ -342,16 +360,12 @@ def backward(
             NEEDS_G=needs_g, NEEDS_DB=atomic_dB, NEEDS_DBIAS=atomic_dbias,
             R_PAD=r_pad, ADAPTER_PRECISION=dot_precision(lora_B.dtype),
         )
-        parts = {}
-
-        def splits(blocks: dict) -> int:
-            return column_splits(M, N, blocks["BLOCK_M"], blocks["BLOCK_N"], dy.device)
+        split = ColumnSplit(G, M, N, "BLOCK_N")  # G is (0, r) when not needed: nothing to split
 
         def output_args(blocks: dict) -> tuple:
-            split = splits(blocks)
-            parts["G"] = partial = split_buffer(G, split if needs_g else 1)
+            partial = split.buffer(blocks)
             return (dy, lora_B, S, partial, dB, dbias,
-                    M, N, R, split,
+                    M, N, R, split.count(blocks),
                     dy.stride(0), dy.stride(1),
                     lora_B.stride(0), lora_B.stride(1),
                     S.stride(0), S.stride(1),
@@ -360,12 +374,11 @@ def backward(
                     scaling)
 
         launch(
-            lora_grad_output_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), splits(c)), output_args,
+            lora_grad_output_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), split.count(c)), output_args,
             output_meta, shape_key("lora_grad_output_kernel", M, N, 0, r_pad, dy, lora_B, **output_meta),
             lambda: rank_configs(M, r_pad), describe, like=dy,
         )
-        if parts["G"].shape[0] > 1:
-            torch.sum(parts["G"], 0, out=G)
+        split.reduce()
     if fixed_order and needs_dB:
         dB = split_m_product(S, dy, lora_B, keep_bits, scaling, 0.0, False, describe).t().contiguous()
     if fixed_order and needs_dbias:
