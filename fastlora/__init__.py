@@ -20,7 +20,7 @@ from fastlora.layers import (
     mark_only_lora_as_trainable,
 )
 from fastlora.model import inject, merge, merge_and_unload, unmerge
-from fastlora.ops import lora_linear
+from fastlora.ops import dora_linear, lora_linear
 from fastlora.peft import from_peft, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "LoRALinear",
     "MergedLinear",
     "current_backend",
+    "dora_linear",
     "from_peft",
     "inject",
     "load_adapter",

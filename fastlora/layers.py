@@ -5,7 +5,9 @@
 lora_A (r, in_features) and lora_B (out_features, r) beside the wrapped layer's own
 ``weight``/``bias``; ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 ``use_rslora=True``). With ``merge_weights=True`` a layer merges B A into its weight on
-``eval()`` and takes it out again on ``train()``, as loralib does.
+``eval()`` and takes it out again on ``train()``, as loralib does. ``Linear(...,
+use_dora=True)`` is PEFT's DoRA: a trainable ``lora_magnitude_vector`` (out_features,) and
+``fastlora.dora_linear`` in place of ``lora_linear``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastlora.ops.dora_linear import dora_linear
+from fastlora.ops.dora_norm import weight_norm_torch
 from fastlora.ops.lora_linear import lora_linear
 
 
@@ -102,6 +106,13 @@ def _fan_in_fan_out_view(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Te
     return weight.t() if fan_in_fan_out else weight
 
 
+def refuse_dora(kind: str, kwargs: dict) -> None:
+    """ValueError when a layer kind without DoRA is asked for it (``use_dora=True``)."""
+    if kwargs.pop("use_dora", False):
+        raise ValueError(f"use_dora=True: DoRA is supported on fastlora.Linear (and injected Linear / Conv1D "
+                         f"layers) only, not on {kind}")
+
+
 class Linear(nn.Linear, LoRALayer):
     """nn.Linear with a LoRA adapter: y = x W^T + b + scaling * dropout(x) A^T B^T.
 
@@ -119,18 +130,24 @@ class Linear(nn.Linear, LoRALayer):
         fan_in_fan_out: bool = False,
         merge_weights: bool = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
         **kwargs,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
+        self.use_dora = False
         if r > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
             self.weight.requires_grad = False
+        elif use_dora:
+            raise ValueError("use_dora=True needs a LoRA adapter: r must be >= 1")
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
+        if use_dora:
+            self.add_dora_magnitude()
 
     @classmethod
     def from_linear(
@@ -143,6 +160,7 @@ class Linear(nn.Linear, LoRALayer):
         merge_weights: bool = False,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> "Linear":
         """A LoRA layer around ``base``'s own weight and bias Parameters (shared, not copied).
 
@@ -150,6 +168,7 @@ class Linear(nn.Linear, LoRALayer):
         storing its weight as (in, out) such as Hugging Face's Conv1D. A and B are created on
         the weight's device in ``adapter_dtype`` (default: the weight's dtype). ``base_class``
         remembers ``type(base)``, the class ``fastlora.merge_and_unload`` gives back.
+        ``use_dora`` adds DoRA's magnitude (``add_dora_magnitude``).
         """
         weight = base.weight
         in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
@@ -162,6 +181,7 @@ class Linear(nn.Linear, LoRALayer):
         layer.bias = base.bias
         layer.fan_in_fan_out = fan_in_fan_out
         layer.base_class = type(base)
+        layer.use_dora = False
         LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         dtype = adapter_dtype or weight.dtype
         layer.lora_A = nn.Parameter(torch.empty((r, in_features), device=weight.device, dtype=dtype))
@@ -169,6 +189,8 @@ class Linear(nn.Linear, LoRALayer):
         nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
         nn.init.zeros_(layer.lora_B)
         weight.requires_grad = False
+        if use_dora:
+            layer.add_dora_magnitude()
         return layer
 
     def reset_parameters(self) -> None:
@@ -176,6 +198,51 @@ class Linear(nn.Linear, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.dora_norm())
+
+    def dora_norm(self) -> torch.Tensor:
+        """||W + scaling * B A|| of each output row (out_features,), float32, detached."""
+        return weight_norm_torch(self.weight, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
+
+    def add_dora_magnitude(self) -> None:
+        """Make this a DoRA layer: ``lora_magnitude_vector`` (out_features,), trainable, in the
+        adapters' dtype, initialised as PEFT does to the row norms of W + scaling * B A (of W
+        while B = 0)."""
+        if self.merged:
+            raise ValueError("add_dora_magnitude needs an unmerged layer")
+        self.lora_magnitude_vector = nn.Parameter(self.dora_norm().to(self.lora_A.dtype),
+                                                  requires_grad=self.lora_A.requires_grad)
+        self.use_dora = True
+
+    def remove_dora_magnitude(self) -> None:
+        """Back to plain LoRA: drop ``lora_magnitude_vector``."""
+        if self.merged:
+            raise ValueError("remove_dora_magnitude needs an unmerged layer")
+        if self.use_dora:
+            del self.lora_magnitude_vector
+        self.use_dora = False
+
+    def _set_merged(self, merge: bool) -> None:
+        """LoRA: W +/- scaling B A. DoRA (PEFT's rule): merging makes W' = g * (W + scaling B A)
+        with g = m / ||W + scaling B A||_row from the unmerged W, a scale per output feature;
+        unmerging divides by the g kept from the merge and subtracts scaling B A. In float32,
+        rounded once into W's dtype."""
+        if not self.use_dora or merge == self.merged:
+            LoRALayer._set_merged(self, merge)
+            return
+        with torch.no_grad():
+            weight = self.weight
+            delta = self.delta_weight().float()
+            if merge:
+                self._dora_merge_scale = self.lora_magnitude_vector.float() / self.dora_norm()
+            scale = self._dora_merge_scale[None, :] if self.fan_in_fan_out else self._dora_merge_scale[:, None]
+            merged = scale * (weight.float() + delta) if merge else weight.float() / scale - delta
+            weight.copy_(merged)
+        if not merge:
+            del self._dora_merge_scale
+        self.merged = merge
 
     def _base_weight(self) -> torch.Tensor:
         return self.weight
@@ -190,6 +257,11 @@ class Linear(nn.Linear, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r > 0 and not self.merged and self.use_dora:
+            return dora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                self.lora_dropout_p, self.training, self.fan_in_fan_out,
+            )
         if self.r > 0 and not self.merged:
             return lora_linear(
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
@@ -224,6 +296,7 @@ class MergedLinear(nn.Linear, LoRALayer):
         use_rslora: bool = False,
         **kwargs,
     ) -> None:
+        refuse_dora("MergedLinear", kwargs)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         enable_lora = list(enable_lora)
@@ -297,6 +370,7 @@ class Embedding(nn.Embedding, LoRALayer):
         use_rslora: bool = False,
         **kwargs,
     ) -> None:
+        refuse_dora("Embedding", kwargs)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora)
         if r > 0:
@@ -368,6 +442,7 @@ class ConvLoRA(nn.Module, LoRALayer):
     ) -> None:
         nn.Module.__init__(self)
         k = _square_kernel_size(kernel_size)
+        refuse_dora(conv_module.__name__, kwargs)
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         if r > 0:

@@ -145,6 +145,7 @@ def inject(
     fan_in_fan_out: bool | None = None,
     adapter_dtype: torch.dtype | None = None,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Add LoRA adapters to ``model`` in place and return it.
 
@@ -158,6 +159,8 @@ def inject(
     ``qa_outputs`` for question answering); those modules train whole and are saved with the
     adapter. ``fan_in_fan_out`` defaults to what each layer is (True for Conv1D).
     ``adapter_dtype`` (e.g. torch.float32) keeps A and B in another dtype than the base weight.
+    ``use_dora=True`` makes every new layer a DoRA layer (PEFT's ``use_dora``: a trainable
+    magnitude per output feature, initialised to the weight's row norms).
     Nothing changes when an argument or target is wrong.
     """
     r = as_rank(r, minimum=1)
@@ -167,6 +170,8 @@ def inject(
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
     if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"adapter_dtype must be None, float32, float16 or bfloat16, got {adapter_dtype}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     names = find_targets(model, target_modules)
     task = task_type(model)
     if modules_to_save is None:
@@ -186,7 +191,7 @@ def inject(
         base = model.get_submodule(name)
         layer = Linear.from_linear(
             base, r, lora_alpha, lora_dropout, fan_in_fan_out=layout[name], merge_weights=False,
-            use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+            use_rslora=use_rslora, adapter_dtype=adapter_dtype, use_dora=use_dora,
         )
         layer.train(base.training)
         _set_submodule(model, name, layer)

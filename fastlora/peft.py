@@ -3,7 +3,7 @@
 A PEFT LoRA adapter is a directory with ``adapter_config.json`` (peft_type "LORA", r,
 lora_alpha, target_modules, ...) and ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r),
-plus, when biases are trained, ``<LoRA module path>.base_layer.bias`` and ``<other module
+plus, for DoRA (``use_dora: true``), ``...lora_magnitude_vector`` (out,); when biases are trained, ``<LoRA module path>.base_layer.bias`` and ``<other module
 path>.bias``, and the whole modules of ``modules_to_save`` as ``<module path>.<parameter>``.
 """
 
@@ -37,6 +37,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude: PEFT writes ``<module>.lora_magnitude_vector`` (its module's ``.weight``
+# and the adapter name stripped); the longer in-memory forms are read too
+_MAGNITUDE_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
+)
+MAGNITUDE = "lora_magnitude_vector"
 LORA_BIAS = ".base_layer.bias"  # PEFT's key for the bias of a layer that carries LoRA
 
 
@@ -83,10 +89,11 @@ def _savable_layers(model: nn.Module) -> list[tuple[str, Linear]]:
 def adapter_config(model: nn.Module) -> dict:
     """PEFT's adapter_config.json for the LoRA layers of ``model``, derived from the layers present."""
     layers = _savable_layers(model)
-    settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout_p) for _, m in layers}
+    settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout_p, m.use_dora) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError(f"save_adapter needs one (r, lora_alpha, use_rslora, dropout) for all layers, found {sorted(settings)}")
-    r, alpha, rslora, dropout = settings.pop()
+        raise ValueError("save_adapter needs one (r, lora_alpha, use_rslora, dropout, use_dora) for all layers, "
+                         f"found {sorted(settings)}")
+    r, alpha, rslora, dropout, dora = settings.pop()
     saved = _saved_settings(model)
     return {
         "peft_type": "LORA",
@@ -102,7 +109,7 @@ def adapter_config(model: nn.Module) -> dict:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": saved["modules_to_save"] or None,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -116,6 +123,8 @@ def adapter_tensors(model: nn.Module, config: dict) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         tensors[f"{name}.lora_A.weight"] = layer.lora_A
         tensors[f"{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:
+            tensors[f"{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector
         if config["bias"] != "none" and layer.bias is not None:
             tensors[name + LORA_BIAS] = layer.bias
     if config["bias"] == "all":
@@ -188,8 +197,6 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 
 def _unsupported(config: dict) -> list[str]:
     found = []
-    if config.get("use_dora"):
-        found.append("use_dora (DoRA)")
     if config.get("lora_bias"):
         found.append("lora_bias (a bias on lora_B)")
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "megatron_config", "trainable_token_indices"):
@@ -214,7 +221,8 @@ def _linear_features(path: str, module: nn.Module) -> tuple[int, int]:
 def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
     """Check every key and shape against ``model`` before anything changes.
 
-    Returns {module path: {"lora_A": t, "lora_B": t}}, {parameter name: tensor} for the
+    Returns {module path: {"lora_A": t, "lora_B": t[, "lora_magnitude_vector": t]}} (the
+    magnitude for DoRA adapters, ``use_dora: true``), {parameter name: tensor} for the
     biases and the modules_to_save parameters, and the names of the modules_to_save.
     """
     unsupported = _unsupported(config)
@@ -224,6 +232,9 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     if not isinstance(r, int) or r < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
         raise ValueError(f"the adapter config needs an integer r >= 1 and a number lora_alpha, got r={r!r}, "
                          f"lora_alpha={config.get('lora_alpha')!r}")
+    dora = config.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise ValueError(f"the adapter config's use_dora must be true or false, got {dora!r}")
     heads = find_modules_to_save(model, config.get("modules_to_save"))
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     params: dict[str, torch.Tensor] = {}
@@ -233,6 +244,12 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
         if match:
             adapters.setdefault(match["module"], {})[match["which"]] = tensor
             continue
+        match = _MAGNITUDE_KEY.match(key)
+        if match and dora:
+            adapters.setdefault(match["module"], {})[MAGNITUDE] = tensor
+            continue
+        if match:
+            raise ValueError(f"adapter key {key!r} is a DoRA magnitude, but the config does not set use_dora")
         name = key.removeprefix(PREFIX)
         if name.endswith(LORA_BIAS):
             name = name[: -len(LORA_BIAS)] + ".bias"
@@ -246,26 +263,27 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     if not adapters:
         raise ValueError("the adapter file holds no lora_A / lora_B weights")
     modules = dict(model.named_modules())
+    needed = {"lora_A", "lora_B", MAGNITUDE} if dora else {"lora_A", "lora_B"}
     for path, pair in adapters.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"adapter module {path!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        if set(pair) != needed:
+            raise ValueError(f"adapter module {path!r} has {sorted(pair)} but needs {sorted(needed)}")
         module = modules.get(path)
         if module is None:
             raise ValueError(f"adapter key {PREFIX}{path}.lora_A.weight names no module of the model")
         in_features, out_features = _linear_features(path, module)
-        expected = {"lora_A": (r, in_features), "lora_B": (out_features, r)}
+        expected = {"lora_A": (r, in_features), "lora_B": (out_features, r), MAGNITUDE: (out_features,)}
         for which, tensor in pair.items():
             if tuple(tensor.shape) != expected[which]:
                 raise ValueError(
-                    f"adapter key {PREFIX}{path}.{which}.weight: shape {tuple(tensor.shape)} does not fit "
+                    f"adapter key {PREFIX}{path}.{which}: shape {tuple(tensor.shape)} does not fit "
                     f"module {path!r} (expected {expected[which]} for r={r})"
                 )
     return adapters, params, heads
 
 
 def _reconfigure(layer: Linear, config: dict) -> None:
-    """Give an existing (unmerged) LoRA layer the file's r, lora_alpha, dropout and rsLoRA,
-    with new A and B Parameters (same dtype and device) where the rank changes."""
+    """Give an existing (unmerged) LoRA layer the file's r, lora_alpha, dropout, rsLoRA and
+    DoRA setting, with new A and B Parameters (same dtype and device) where the rank changes."""
     r = config["r"]
     LoRALayer.__init__(layer, r, config["lora_alpha"], config.get("lora_dropout", 0.0), layer.merge_weights,
                        config.get("use_rslora", False))
@@ -273,6 +291,10 @@ def _reconfigure(layer: Linear, config: dict) -> None:
         old = getattr(layer, which)
         if tuple(old.shape) != shape:
             setattr(layer, which, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
+    if config.get("use_dora", False) and not layer.use_dora:
+        layer.add_dora_magnitude()
+    elif not config.get("use_dora", False):
+        layer.remove_dora_magnitude()
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -291,7 +313,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         inject(
             model, missing, r=config["r"], lora_alpha=config["lora_alpha"],
             lora_dropout=config.get("lora_dropout", 0.0), bias=config.get("bias", "none"),
-            use_rslora=config.get("use_rslora", False), modules_to_save=heads,
+            use_rslora=config.get("use_rslora", False), modules_to_save=heads, use_dora=config.get("use_dora", False),
         )
     record_adapter_settings(model, config.get("bias", "none"), heads, config.get("task_type") or task_type(model))
     with torch.no_grad():
@@ -302,6 +324,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             _reconfigure(layer, config)
             layer.lora_A.copy_(pair["lora_A"])
             layer.lora_B.copy_(pair["lora_B"])
+            if MAGNITUDE in pair:
+                layer.lora_magnitude_vector.copy_(pair[MAGNITUDE])
             layer._set_merged(was_merged)
         parameters = dict(model.named_parameters())
         for name, tensor in params.items():
@@ -328,8 +352,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     Returns the underlying base model (what ``peft_model.get_base_model()`` gives), now with
     ``fastlora.Linear`` layers sharing the base weights and holding the adapter's A and B;
     modules_to_save become their trained copies, and the adapter's bias, rsLoRA and task type
-    are kept for ``save_adapter``. Supports one adapter on Linear / Conv1D targets; DoRA,
-    several adapters, lora_bias, adapters on other layer types and per-layer rank patterns
+    are kept for ``save_adapter``. Supports one adapter (LoRA or DoRA) on Linear / Conv1D
+    targets; several adapters, lora_bias, adapters on other layer types and per-layer rank patterns
     raise ValueError naming the feature.
     """
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
@@ -345,28 +369,31 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if len(adapters) != 1 or len(getattr(layer, "active_adapters", adapters)) != 1:
             raise ValueError(f"PEFT layer {name!r} has several adapters {adapters}: merge or delete all but one first")
         adapter = adapters[0]
-        if getattr(layer, "use_dora", {}).get(adapter, False):
-            raise ValueError(f"PEFT layer {name!r} uses DoRA, which fastlora does not support")
         base = layer.get_base_layer()
         if not (isinstance(base, nn.Linear) or is_conv1d(base)) or not isinstance(layer.lora_A[adapter], nn.Linear):
             raise ValueError(f"PEFT layer {name!r} wraps a {type(base).__name__}; fastlora converts Linear / Conv1D targets")
         if layer.lora_B[adapter].bias is not None:
             raise ValueError(f"PEFT layer {name!r} has a bias on lora_B (lora_bias), which fastlora does not support")
-        plan.append((name, layer, adapter, base))
+        plan.append((name, layer, adapter, base, bool(getattr(layer, "use_dora", {}).get(adapter, False))))
     config = peft_configs.get(plan[0][2])
     rslora = bool(getattr(config, "use_rslora", False))
     heads = _unwrap_modules_to_save(base_model)
-    for name, layer, adapter, base in plan:
+    for name, layer, adapter, base, dora in plan:
         dropout = layer.lora_dropout[adapter]
         lora = Linear.from_linear(
             base, layer.r[adapter], layer.lora_alpha[adapter],
             lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             fan_in_fan_out=is_conv1d(base), use_rslora=rslora, adapter_dtype=layer.lora_A[adapter].weight.dtype,
+            use_dora=dora,
         )
         lora.scaling = layer.scaling[adapter]
         with torch.no_grad():
             lora.lora_A.copy_(layer.lora_A[adapter].weight)
             lora.lora_B.copy_(layer.lora_B[adapter].weight)
+            if dora:
+                magnitude = layer.lora_magnitude_vector[adapter].weight
+                lora.lora_magnitude_vector.copy_(magnitude)
+                lora.lora_magnitude_vector.requires_grad_(magnitude.requires_grad)
         lora.lora_A.requires_grad_(layer.lora_A[adapter].weight.requires_grad)
         lora.lora_B.requires_grad_(layer.lora_B[adapter].weight.requires_grad)
         lora.train(layer.training)

@@ -98,6 +98,19 @@ def rank_configs(M: int, r_pad: int = 16, draws_mask: bool = False) -> list[trit
     ]
 
 
+def norm_configs(N: int) -> list[triton.Config]:
+    """Tiles for DoRA's weight norm (kernels/dora_norm.py): BLOCK_N rows per program, K in
+    BLOCK_K steps, the rank in 16-wide chunks. Memory-bound on W: 32-row blocks give N / 32
+    programs (128 for N = 4096, about one per SM of an H100); a (32, 128) float32 tile of
+    W + s B A is 32 registers a thread at 4 warps."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_R": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_R": 16}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "BLOCK_R": 16}, num_warps=4, num_stages=1),
+    ]
+
+
 def estimated_shared_bytes(config: triton.Config, element_bytes: int, adapter_bytes: int = 0, r_chunk: int = 16) -> int:
     """Shared memory a config needs, estimated: its pipelined input tiles plus one output tile,
     and with ``adapter_bytes`` (the GEMMs) the epilogue's rank-chunk tiles and keep bits.
