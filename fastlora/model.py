@@ -229,7 +229,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model):
         if not layer.merged:
             weight = layer._base_weight()
-            own = f"{name}.conv.weight" if isinstance(layer, ConvLoRA) else f"{name}.weight"
+            own = (f"{name}." if name else "") + ("conv.weight" if isinstance(layer, ConvLoRA) else "weight")
             tied = _tied_names(model, weight, own)
             if tied:
                 warnings.warn(f"fastlora.merge: the weight of {name!r} is tied to {tied}; merging its adapter "

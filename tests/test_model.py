@@ -160,9 +160,3 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=str(tmp_path)):
         fastlora.load_adapter(model, tmp_path)
-
-
-def test_from_peft_rejects_dora():
-    theirs = peft_model(tiny_llama(), ["q_proj"], use_dora=True)
-    with pytest.raises(ValueError, match="DoRA"):
-        fastlora.from_peft(theirs)

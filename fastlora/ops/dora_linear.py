@@ -146,9 +146,10 @@ def _dropped_product(
     """u = drop(x) W^T + s S B^T (M, N) in x's dtype, drop(x) from the LoRA forward's keep bits."""
     keep = unpack_keep_bits(keep_bits, x.shape[1])
     dropped = x * keep * (1.0 / (1.0 - dropout_p))
-    u = dropped.to(x.dtype) @ (weight if fan_in_fan_out else weight.t())
-    lora = (S.to(lora_B.dtype) @ lora_B.t()).to(x.dtype)
-    return u.add_(lora, alpha=scaling)
+    base = dropped.to(x.dtype) @ (weight if fan_in_fan_out else weight.t())
+    lora = S.to(lora_B.dtype) @ lora_B.t()
+    # out of place: Inductor (torch 2.13) miscompiles ``(a @ b).add_(c, alpha=s)``
+    return (base + scaling * lora).to(x.dtype)
 
 
 def dora_linear(
