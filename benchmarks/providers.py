@@ -1,7 +1,10 @@
 """One setup per provider: a LoRA layer (or the frozen base) with the same weights for all.
 
-Every provider gets W (N, K), b (N,), A (r, K), B (N, r) drawn from one seed, and returns a
-module whose forward takes x (M, K). ``base`` is the frozen nn.Linear without LoRA.
+Every provider gets W (N, K), b (N,), A (r, K), B (N, r) and DoRA's magnitude m (N,) drawn
+from one seed, and returns a module whose forward takes x (M, K). ``base`` is the frozen
+nn.Linear without LoRA. The DoRA providers (``DORA_PROVIDERS``: PEFT's ``use_dora=True``
+layer, fastlora's DoRA layer per backend, the reference) are checked against
+``dora-reference`` and compared with ``peft-dora``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Weights:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor
 
 
 def make_weights(shape: Shape, dtype: torch.dtype, device: str) -> Weights:
@@ -41,12 +45,14 @@ def make_weights(shape: Shape, dtype: torch.dtype, device: str) -> Weights:
     def rand(*size, scale=1.0):
         return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
 
+    weight = rand(shape.N, shape.K, scale=shape.K**-0.5)
     return Weights(
-        weight=rand(shape.N, shape.K, scale=shape.K**-0.5),
+        weight=weight,
         bias=rand(shape.N) if shape.bias else None,
         lora_A=rand(shape.r, shape.K, scale=shape.K**-0.5),
         lora_B=rand(shape.N, shape.r, scale=shape.r**-0.5),
         scaling=2.0,
+        magnitude=(weight.float().norm(dim=1) * (1 + 0.1 * rand(shape.N).float())).to(dtype),
     )
 
 
@@ -68,19 +74,37 @@ class ReferenceLoRA(nn.Module):
         )
 
 
-class FastLoRA(nn.Module):
-    """fastlora.Linear on a fixed backend (``auto`` picks Triton on CUDA, C++ or torch on CPU)."""
+class ReferenceDoRA(ReferenceLoRA):
+    """fastlora.reference.dora_linear as a module (PEFT's DoRA math in plain autograd)."""
 
-    def __init__(self, w: Weights, dropout: float, backend: str) -> None:
+    def __init__(self, w: Weights, dropout: float) -> None:
+        super().__init__(w, dropout)
+        self.magnitude = nn.Parameter(w.magnitude)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.dora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling, self.dropout,
+            self.training,
+        )
+
+
+class FastLoRA(nn.Module):
+    """fastlora.Linear on a fixed backend (``auto`` picks Triton on CUDA, C++ or torch on CPU);
+    with ``use_dora`` its DoRA layer."""
+
+    def __init__(self, w: Weights, dropout: float, backend: str, use_dora: bool = False) -> None:
         super().__init__()
         N, K = w.weight.shape
         self.layer = fastlora.Linear(
             K, N, r=w.lora_A.shape[0], lora_alpha=w.scaling * w.lora_A.shape[0], lora_dropout=dropout,
             bias=w.bias is not None, merge_weights=False, device=w.weight.device, dtype=w.weight.dtype,
+            use_dora=use_dora,
         )
         load_linear(self.layer, w)
         self.layer.lora_A.data.copy_(w.lora_A)
         self.layer.lora_B.data.copy_(w.lora_B)
+        if use_dora:
+            self.layer.lora_magnitude_vector.data.copy_(w.magnitude)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,23 +127,40 @@ def base_layer(w: Weights) -> nn.Linear:
     return layer
 
 
-def peft_layer(w: Weights, dropout: float) -> nn.Module:
+def peft_layer(w: Weights, dropout: float, use_dora: bool = False) -> nn.Module:
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
 
     r = w.lora_A.shape[0]
     alpha = w.scaling * r
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
-    layer = PeftLinear(base_layer(w), "default", config=config, r=r, lora_alpha=alpha, lora_dropout=dropout)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora)
+    layer = PeftLinear(base_layer(w), "default", config=config, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                       use_dora=use_dora)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(w.lora_A)
         layer.lora_B["default"].weight.copy_(w.lora_B)
+        if use_dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(w.magnitude)
     layer.base_layer.weight.requires_grad_(False)
     return layer
 
 
-ALL_PROVIDERS = ["base", "reference", "reference-compiled", "peft", "fastlora", "fastlora-torch",
-                 "fastlora-triton", "fastlora-cpp"]
+BACKEND_PROVIDERS = ["fastlora-torch", "fastlora-triton", "fastlora-cpp"]
+DORA_PROVIDERS = ["dora-reference", "peft-dora", "fastlora-dora", "fastlora-dora-torch", "fastlora-dora-triton",
+                  "fastlora-dora-cpp"]
+ALL_PROVIDERS = ["base", "reference", "reference-compiled", "peft", "fastlora", *BACKEND_PROVIDERS, *DORA_PROVIDERS]
+
+
+def backend_of(name: str) -> str | None:
+    """The fastlora backend a provider forces (``fastlora-dora-cpp`` -> ``cpp``), or None."""
+    for prefix in ("fastlora-dora-", "fastlora-"):
+        if name.startswith(prefix) and name != "fastlora-dora":
+            return name.removeprefix(prefix)
+    return None
+
+
+def is_dora(name: str) -> bool:
+    return name in DORA_PROVIDERS
 
 
 def provider_names(device: str) -> list[str]:
@@ -135,17 +176,19 @@ def provider_names(device: str) -> list[str]:
             names.append("fastlora-cpp")
     else:
         names.append("reference-compiled")
-    return names
+    if "peft" in names:
+        names.append("peft-dora")
+    return names + ["fastlora-dora"]
 
 
 def unavailable_reason(name: str, device: str) -> str | None:
     """Why provider ``name`` cannot run on ``device`` here, or None when it can."""
-    if name == "peft" and importlib.util.find_spec("peft") is None:
+    if name in ("peft", "peft-dora") and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
-    if name.startswith("fastlora-"):
+    if backend_of(name) is not None:
         from fastlora import _backend
 
-        with fastlora.use_backend(name.removeprefix("fastlora-")):
+        with fastlora.use_backend(backend_of(name)):
             try:
                 _backend.resolve(torch.device(device))
             except RuntimeError as error:
@@ -163,10 +206,16 @@ def build(name: str, w: Weights, dropout: float) -> nn.Module:
         module = torch.compile(ReferenceLoRA(w, dropout))
     elif name == "peft":
         module = peft_layer(w, dropout)
+    elif name == "dora-reference":
+        module = ReferenceDoRA(w, dropout)
+    elif name == "peft-dora":
+        module = peft_layer(w, dropout, use_dora=True)
     elif name == "fastlora":
         module = FastLoRA(w, dropout, "auto")
-    elif name.startswith("fastlora-"):
-        module = FastLoRA(w, dropout, name.removeprefix("fastlora-"))
+    elif name == "fastlora-dora":
+        module = FastLoRA(w, dropout, "auto", use_dora=True)
+    elif name in ALL_PROVIDERS and backend_of(name) is not None:
+        module = FastLoRA(w, dropout, backend_of(name), use_dora=is_dora(name))
     else:
         raise ValueError(f"unknown provider {name!r}")
     return module.train()

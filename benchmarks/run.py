@@ -8,7 +8,9 @@ Prints a table, appends one row per (provider, shape, mode) to benchmarks/out/<d
 (an ignored folder, so a clone stays clean; ``--csv benchmarks/results/<device>.csv`` adds to
 the committed results) with device, versions, git sha and timestamp, and redraws the PNG
 plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
-fastlora.reference is reported as ``wrong`` and not timed.
+fastlora.reference (``dora_linear`` for the DoRA providers) is reported as ``wrong`` and not
+timed. DoRA rows compare with PEFT's DoRA layer (``vs_peft``) and their ``vs_reference`` is
+against fastlora's own LoRA layer (``fastlora``) when it ran, the ratio DoRA's targets use.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ import sys
 import torch
 
 from benchmarks import harness
-from benchmarks.providers import ALL_PROVIDERS, Shape, build, make_weights, provider_names, unavailable_reason
+from benchmarks.providers import (
+    ALL_PROVIDERS,
+    Shape,
+    build,
+    is_dora,
+    make_weights,
+    provider_names,
+    unavailable_reason,
+)
 
 RESULTS = pathlib.Path(__file__).parent / "results"  # committed results
 LOCAL_RESULTS = pathlib.Path(__file__).parent / "out"  # a local run's default (git-ignored)
@@ -155,12 +165,14 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
-    reference = build("reference", weights, shape.dropout)
+    references = {False: build("reference", weights, shape.dropout)}
+    if any(is_dora(name) for name in providers):
+        references[True] = build("dora-reference", weights, shape.dropout)
     rows = []
     for name in providers:
         module = build(name, weights, shape.dropout)
         first_call = harness.first_call_seconds(lambda: module(x).backward(dy), device)
-        error = None if name == "base" else harness.check_against_reference(module, reference, x, dy)
+        error = None if name == "base" else harness.check_against_reference(module, references[is_dora(name)], x, dy)
         saved = harness.saved_bytes(lambda: module(x), [x, *module.parameters()])
         peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), device)
         for mode in modes:
@@ -177,7 +189,9 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
             )
             rows.append(row)
     for row in rows:
-        for other, column in (("base", "vs_base"), ("peft", "vs_peft"), ("reference", "vs_reference")):
+        dora = is_dora(row["provider"])
+        for other, column in (("base", "vs_base"), ("peft-dora" if dora else "peft", "vs_peft"),
+                              ("fastlora" if dora else "reference", "vs_reference")):
             match = [o for o in rows if o["provider"] == other and o["mode"] == row["mode"] and "median_ms" in o]
             if "median_ms" in row and match:
                 row[column] = row["median_ms"] / match[0]["median_ms"]

@@ -52,27 +52,27 @@ class DoRALinearFunction(torch.autograd.Function):
     """DoRA: y = x W^T + b + (g - 1) * drop(x) W^T + g * s * drop(x) A^T B^T, W frozen.
 
     Shapes: x (M, K), W (N, K), b (N,), A (r, K), B (N, r), m (N,), dy (M, N); D = mask / (1-p)
-    the dropout scale of each element of x (D = 1 without dropout); n = ||W + s B A||_row and
-    g = m / n (N,), n treated as a constant (PEFT detaches it). With S = drop(x) A^T (M, r),
-    L = s S B^T and u = drop(x) W^T + L (M, N), the LoRA op's output y_L = x W^T + b + L gives
+    the dropout scale of each element of x; n = ||W + s B A||_row and g = m / n (N,), n a
+    constant (PEFT detaches it). S = drop(x) A^T (M, r), L = s S B^T, z = drop(x) W^T (M, N).
+    Write B_g = g * B (rows scaled, N x r): the LoRA op with B_g gives x W^T + b + g * L.
 
-      y = y_L + (g - 1) * u                        (p = 0: u = x W^T + L, y = g * u + b)
-
-      dy/dA, dy/dB:  y depends on A and B only through g * L (n is constant)
-                     => the LoRA gradients of dy_g = g * dy: dB = s dy_g^T S,
-                        dA = s (dy_g B)^T drop(x)
-      dy/dx:         dx = dy W + D * ((g - 1) * dy) W + D * s (dy_g B) A
-                        = [dy_g W + D * s (dy_g B) A] - (1 - D) * (((g - 1) * dy) W)
-                     the bracket is the LoRA backward of dy_g; without dropout D = 1 and it
-                     is all of dx
-      dy/dm:         y depends on m through g * u: dm = sum over rows of (dy * u) / n
-      db   =  sum over rows of dy;  dW is never computed.
+    Without dropout (drop(x) = x): y = g * (x W^T + L) + b, i.e. the LoRA op's output (no
+    bias) scaled per column. With dy_g = g * dy:
+      dx = dy_g W + s (dy_g B) A,  dA = s (dy_g B)^T x,  dB = s dy_g^T S   (the LoRA backward of dy_g)
+      dm = sum over rows of dy * (x W^T + L) / n = sum over rows of dy * (y - b) / (g n)
+    With dropout: y = [x W^T + b + g * L] + (g - 1) * z, the bracket the LoRA op with B_g.
+      The LoRA backward of dy with B_g gives dx_L = dy W + D * s (dy B_g) A,
+      dA = s (dy B_g)^T drop(x) and dB_L = s dy^T S, so dB = g * dB_L (the g of B_g moves to
+      the output side), and
+      dx = dx_L + D * (((g - 1) * dy) W)          (z's path: one more GEMM, the math's minimum)
+      dm = sum over rows of dy * (z + L) / n = (sum over rows of dy * z + rowsum(B * dB_L)) / n
+    db = sum over rows of dy; dW is never computed.
 
     The LoRA forward and backward are the backend's ops; dropout draws its mask once, in the
-    LoRA forward, and the second base product drop(x) W^T reads it back from the keep bits.
+    LoRA forward, and the second base product z reads it back from the keep bits.
     Saved for backward: what the LoRA op saves (x, W, A, B, S, keep bits), g and n (N,) and
-    one M x N tensor: without dropout the output y itself (u = (y - b) / g, which autograd
-    keeps anyway when y is alive, so nothing is added), with dropout u.
+    one M x N tensor: without dropout the output y itself (kept alive by the caller, so
+    nothing is added while y is), with dropout z.
     """
 
     @staticmethod
@@ -85,9 +85,12 @@ class DoRALinearFunction(torch.autograd.Function):
             y = _rows_times_columns(y_lora, g, bias)
             kept = y
         else:
-            y, S, keep_bits = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
-            kept = _dropped_product(x, weight, lora_B, S, keep_bits, scaling, dropout_p, fan_in_fan_out)
-            y.addcmul_(kept, g - 1.0)
+            scaled_B = lora_B * g[:, None].to(lora_B.dtype)
+            y, S, keep_bits = forward_op(x, weight, bias, lora_A, scaled_B, scaling, dropout_p, seed, fan_in_fan_out)
+            keep = unpack_keep_bits(keep_bits, x.shape[1])
+            dropped = x.mul(1.0 / (1.0 - dropout_p)).masked_fill_(~keep, 0.0)
+            kept = dropped @ (weight if fan_in_fan_out else weight.t())
+            y = torch.addcmul(y, kept, g - 1.0, out=y)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed, bias, g, norm, kept)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
@@ -102,24 +105,31 @@ class DoRALinearFunction(torch.autograd.Function):
         needs_dx, _, needs_dbias, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:6]
         _, backward_op = _ops(ctx.backend, dy)
         dy = dy.contiguous()
-        dy_g = (dy * g).to(dy.dtype)
-        dx, dA, dB, _ = backward_op(
-            dy_g, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
-            needs_dx, needs_dA, needs_dB, False,
-        )
-        if needs_dx and ctx.dropout_p > 0.0:
-            w = weight.t() if ctx.fan_in_fan_out else weight
-            base = ((dy * (g - 1.0)).to(dy.dtype)) @ w
-            keep = unpack_keep_bits(keep_bits, x.shape[1])
-            not_kept_scale = torch.where(keep, -ctx.dropout_p / (1.0 - ctx.dropout_p), 1.0)
-            dx = dx.sub_(base.mul_(not_kept_scale))
+        p = ctx.dropout_p
         dm = None
-        if needs_dm:
-            if ctx.dropout_p == 0.0:  # u = (y - b) / g
+        if p == 0.0:
+            dx, dA, dB, _ = backward_op(
+                (dy * g).to(dy.dtype), x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, p, seed,
+                ctx.fan_in_fan_out, needs_dx, needs_dA, needs_dB, False,
+            )
+            if needs_dm:
                 y_less_bias = kept if bias is None else kept - bias
                 dm = (dy * y_less_bias).sum(0, dtype=torch.float32) / (g * norm)
-            else:
-                dm = (dy * kept).sum(0, dtype=torch.float32) / norm
+        else:
+            scaled_B = lora_B * g[:, None].to(lora_B.dtype)
+            dx, dA, dB, _ = backward_op(
+                dy, x, weight, lora_A, scaled_B, S, keep_bits, ctx.scaling, p, seed, ctx.fan_in_fan_out,
+                needs_dx, needs_dA, needs_dB or needs_dm, False,
+            )
+            if needs_dx:
+                base = (dy * (g - 1.0)).to(dy.dtype) @ (weight.t() if ctx.fan_in_fan_out else weight)
+                keep = unpack_keep_bits(keep_bits, x.shape[1])
+                dx = dx.add_(base.masked_fill_(~keep, 0.0), alpha=1.0 / (1.0 - p))
+            if needs_dm:
+                dm = ((dy * kept).sum(0, dtype=torch.float32) + (lora_B.float() * dB.float()).sum(1)) / norm
+            if needs_dB:
+                dB = dB.mul_(g[:, None].to(dB.dtype))
+        if dm is not None:
             dm = dm.to(lora_A.dtype)
         dbias = dy.sum(0) if needs_dbias and bias is not None else None
         return (
@@ -131,25 +141,6 @@ class DoRALinearFunction(torch.autograd.Function):
             dm,
             None, None, None, None, None,
         )
-
-
-def _dropped_product(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_B: torch.Tensor,
-    S: torch.Tensor,
-    keep_bits: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    fan_in_fan_out: bool,
-) -> torch.Tensor:
-    """u = drop(x) W^T + s S B^T (M, N) in x's dtype, drop(x) from the LoRA forward's keep bits."""
-    keep = unpack_keep_bits(keep_bits, x.shape[1])
-    dropped = x * keep * (1.0 / (1.0 - dropout_p))
-    base = dropped.to(x.dtype) @ (weight if fan_in_fan_out else weight.t())
-    lora = S.to(lora_B.dtype) @ lora_B.t()
-    # out of place: Inductor (torch 2.13) miscompiles ``(a @ b).add_(c, alpha=s)``
-    return (base + scaling * lora).to(x.dtype)
 
 
 def dora_linear(
