@@ -151,11 +151,34 @@ def saved_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor]) ->
     return sum(storages.values())
 
 
-def peak_memory_bytes(run: Callable[[], object], device: str) -> float:
-    """CUDA: peak bytes allocated while ``run()`` executes above what was allocated before;
-    NaN on CPU."""
-    if device != "cuda":
+def cpu_peak_memory_bytes(run: Callable[[], object]) -> float:
+    """Peak bytes of the tensors ``run()`` creates (alive at once), from the profiler's memory
+    timeline (``torch.profiler`` with ``profile_memory``); NaN where this torch has none."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+    except ImportError:
         return float("nan")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    created: dict = {}
+    alive = peak = 0
+    for _, action, key, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            created[key] = size
+            alive += size
+        elif action == Action.DESTROY and key in created:
+            alive -= created.pop(key)
+        peak = max(peak, alive)
+    return float(peak)
+
+
+def peak_memory_bytes(run: Callable[[], object], device: str) -> float:
+    """Peak bytes allocated while ``run()`` executes above what was allocated before: the
+    CUDA allocator's peak on a GPU, the profiler's memory timeline on a CPU."""
+    if device != "cuda":
+        return cpu_peak_memory_bytes(run)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

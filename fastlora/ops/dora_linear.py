@@ -40,6 +40,27 @@ def validate_magnitude(magnitude: object, lora_A: torch.Tensor, out_features: in
         raise ValueError(f"magnitude is on {magnitude.device} but x is on {device}; all tensors must share a device")
 
 
+ROW_BLOCKS = 8  # DoRA's extra M x K / M x N work runs in this many row blocks
+MIN_BLOCK_ROWS = 64
+
+
+def row_blocks(rows: int) -> list[slice]:
+    """About ROW_BLOCKS slices of ``rows`` rows (at least MIN_BLOCK_ROWS each): DoRA's extra
+    M x K and M x N work runs block by block, so its temporaries stay an eighth of M x K or
+    M x N, while the blocks stay large enough to run the GEMMs at full speed."""
+    step = max(MIN_BLOCK_ROWS, -(-rows // ROW_BLOCKS))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _column_dots(dy: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """sum over rows of dy * (t - bias) (N,) in float32, block by block."""
+    total = torch.zeros(dy.shape[1], dtype=torch.float32, device=dy.device)
+    for rows in row_blocks(dy.shape[0]):
+        block = t[rows] if bias is None else t[rows] - bias
+        total += (dy[rows] * block).sum(0, dtype=torch.float32)
+    return total
+
+
 def _rows_times_columns(t: torch.Tensor, column_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``t * column_scale + bias`` (t (M, N), column_scale (N,) float32) in t's dtype, rounded
     once, written into t."""
@@ -87,9 +108,11 @@ class DoRALinearFunction(torch.autograd.Function):
         else:
             scaled_B = lora_B * g[:, None].to(lora_B.dtype)
             y, S, keep_bits = forward_op(x, weight, bias, lora_A, scaled_B, scaling, dropout_p, seed, fan_in_fan_out)
-            keep = unpack_keep_bits(keep_bits, x.shape[1])
-            dropped = x.mul(1.0 / (1.0 - dropout_p)).masked_fill_(~keep, 0.0)
-            kept = dropped @ (weight if fan_in_fan_out else weight.t())
+            w_t = weight if fan_in_fan_out else weight.t()
+            kept = y.new_empty(y.shape)
+            for rows in row_blocks(x.shape[0]):
+                keep = unpack_keep_bits(keep_bits[rows], x.shape[1])
+                torch.mm(x[rows].mul(1.0 / (1.0 - dropout_p)).masked_fill_(~keep, 0.0), w_t, out=kept[rows])
             y = torch.addcmul(y, kept, g - 1.0, out=y)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed, bias, g, norm, kept)
         ctx.scaling = scaling
@@ -108,13 +131,12 @@ class DoRALinearFunction(torch.autograd.Function):
         p = ctx.dropout_p
         dm = None
         if p == 0.0:
+            if needs_dm:  # first, while only y and dy are alive
+                dm = _column_dots(dy, kept, bias) / (g * norm)
             dx, dA, dB, _ = backward_op(
                 (dy * g).to(dy.dtype), x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, p, seed,
                 ctx.fan_in_fan_out, needs_dx, needs_dA, needs_dB, False,
             )
-            if needs_dm:
-                y_less_bias = kept if bias is None else kept - bias
-                dm = (dy * y_less_bias).sum(0, dtype=torch.float32) / (g * norm)
         else:
             scaled_B = lora_B * g[:, None].to(lora_B.dtype)
             dx, dA, dB, _ = backward_op(
@@ -122,11 +144,13 @@ class DoRALinearFunction(torch.autograd.Function):
                 needs_dx, needs_dA, needs_dB or needs_dm, False,
             )
             if needs_dx:
-                base = (dy * (g - 1.0)).to(dy.dtype) @ (weight.t() if ctx.fan_in_fan_out else weight)
-                keep = unpack_keep_bits(keep_bits, x.shape[1])
-                dx = dx.add_(base.masked_fill_(~keep, 0.0), alpha=1.0 / (1.0 - p))
+                w = weight.t() if ctx.fan_in_fan_out else weight
+                for rows in row_blocks(dy.shape[0]):
+                    keep = unpack_keep_bits(keep_bits[rows], x.shape[1])
+                    base = (dy[rows] * (g - 1.0)).to(dy.dtype) @ w
+                    dx[rows] += base.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p))
             if needs_dm:
-                dm = ((dy * kept).sum(0, dtype=torch.float32) + (lora_B.float() * dB.float()).sum(1)) / norm
+                dm = (_column_dots(dy, kept, None) + (lora_B.float() * dB.float()).sum(1)) / norm
             if needs_dB:
                 dB = dB.mul_(g[:, None].to(dB.dtype))
         if dm is not None:
