@@ -12,7 +12,8 @@ gradient, dropout included with the mask read from the op's own keep bits; which
 configs ran; first-call seconds); the speed table of fastlora's targets (base, PEFT, PyTorch
 LoRA, the fused path, the torch path, auto's choice); a per-kernel profile of one fwd+bwd at
 the two shapes of NOTES.md (GPU time, registers, spills, shared memory); decode and host
-cost; LoRAFusion's sweep; saved bytes on the fused path; tests/test_gpu.py under a timeout;
+cost; LoRAFusion's sweep; saved bytes on the fused path; DoRA against PEFT's DoRA and the fused
+LoRA; tests/test_gpu.py under a timeout;
 end to end if time is left. The report closes with the ``AUTO_ON_CUDA`` table its
 measurements support.
 
@@ -434,6 +435,47 @@ def stage_saved(report: Report) -> None:
     report.target("saved for backward, PEFT / fused (p0.1)", ">= 20x", less, 20.0, at_most=False)
 
 
+DORA_PROVIDERS = ["fastlora-triton", "peft-dora", "fastlora-dora-triton", "fastlora-dora-torch"]
+
+
+def stage_dora(report: Report) -> None:
+    """DoRA (issue 18's GPU targets): fwd+bwd of fastlora's DoRA (fused and torch paths) against
+    PEFT's DoRA layer and fastlora's own fused LoRA, p = 0 and 0.1, after a parity check."""
+    base = report.plan.speed[0].shape
+    lines = ["| M, K, N, r | p | fastlora LoRA (fused) | PEFT DoRA | DoRA fused | DoRA torch | PEFT / DoRA fused "
+             "| DoRA fused / LoRA fused | saved MiB PEFT / fused | peak MiB PEFT / fused |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in (0.0, 0.1):
+        s = Shape(base.M, base.K, base.N, base.r, p, bias=False)
+        weights = make_weights(s, report.dtype, report.device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(s.M, s.K, generator=g).to(device=report.device, dtype=report.dtype).requires_grad_(True)
+        dy = torch.randn(s.M, s.N, generator=g).to(device=report.device, dtype=report.dtype)
+        truth = build("dora-reference", weights, p)
+        memory = {}
+        for name in ("peft-dora", "fastlora-dora-triton"):
+            module = build(name, weights, p)
+            error = harness.check_against_reference(module, truth, x, dy)
+            if error is not None:
+                raise AssertionError(f"{name} disagrees with reference.dora_linear at {s}: {error}")
+            memory[name] = (harness.saved_bytes(lambda: module(x), [x, *module.parameters()]) / 2**20,
+                            harness.peak_memory_bytes(lambda: module(x).backward(dy), report.device) / 2**20)
+        rows = timed(report, s, "full", DORA_PROVIDERS)
+        report.rows("dora", s, "full", rows)
+        vs_peft = ratio(rows, "peft-dora", "fastlora-dora-triton")
+        vs_lora = ratio(rows, "fastlora-dora-triton", "fastlora-triton")
+        lines.append(f"| {s.M}, {s.K}, {s.N}, {s.r} | {p} | " + " | ".join(
+            f"{rows[n]['median_ms']:.3f}" for n in DORA_PROVIDERS) + f" | {vs_peft:.2f} | {vs_lora:.2f} | "
+            f"{memory['peft-dora'][0]:.1f} / {memory['fastlora-dora-triton'][0]:.1f} | "
+            f"{memory['peft-dora'][1]:.1f} / {memory['fastlora-dora-triton'][1]:.1f} |")
+        report.target(f"DoRA ({s.M}, {s.K}, {s.N}, {s.r}) p{p} full: speed-up vs PEFT DoRA", ">= 2.0x",
+                      vs_peft, 2.0, at_most=False)
+        if p == 0.0:
+            report.target(f"DoRA ({s.M}, {s.K}, {s.N}, {s.r}) p0 full: time vs fused LoRA", "<= 1.15x",
+                          vs_lora, 1.15, at_most=True)
+    report.sections.append(("DoRA fwd+bwd (ms)", lines))
+
+
 def stage_gpu_tests(report: Report) -> None:
     """pytest -m gpu tests/test_gpu.py, stopped when the budget runs out (5 s kept for the rest)."""
     timeout_s = max(10.0, report.budget_s - report.elapsed() - 5)
@@ -493,6 +535,7 @@ STAGES = [
     Stage("decode-host", stage_decode_and_host, 20, 5),
     Stage("sweep", stage_sweep, 45, 5),
     Stage("saved", stage_saved, 5, 1),
+    Stage("dora", stage_dora, 40, 8),
     Stage("gpu-tests", stage_gpu_tests, 90, 15),
     Stage("end-to-end", stage_end_to_end, 30, 10),
 ]

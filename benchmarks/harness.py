@@ -10,9 +10,12 @@ backward, on CPU from ``time.perf_counter`` over repeats after warm-up.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -151,6 +154,22 @@ def saved_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor]) ->
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a block: torch 2.13's profiler (kineto) writes two
+    log lines there per profile, which would litter every benchmark table. Python exceptions
+    still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_memory_bytes(run: Callable[[], object]) -> float:
     """Peak bytes of the tensors ``run()`` creates (alive at once), from the profiler's memory
     timeline (``torch.profiler`` with ``profile_memory``); NaN where this torch has none."""
@@ -160,7 +179,8 @@ def cpu_peak_memory_bytes(run: Callable[[], object]) -> float:
         from torch.profiler._memory_profiler import Action
     except ImportError:
         return float("nan")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                 with_stack=True) as prof:
         run()
     created: dict = {}
     alive = peak = 0

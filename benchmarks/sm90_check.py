@@ -6,7 +6,7 @@
 Each kernel is compiled as an H100 launch would specialise it: pointers 16-byte aligned, sizes
 and row strides multiples of 16, unit strides as constants, r = 16, 64 and 128, in the
 variants it really launches with (``VARIANTS``: forward and dx layouts, with and without
-dropout, fp32 adapters, fp16; bf16 by default). Reports per kernel and config the shared memory, whether the dots
+dropout, fp32 adapters, fp16; bf16 by default; DoRA's norm kernel once, it has no M or r_pad). Reports per kernel and config the shared memory, whether the dots
 lower to Hopper's wgmma (``wgmma.mma_async`` in the PTX), whether tiles arrive by TMA
 (``cp.async.bulk.tensor``), and the registers per thread and spill bytes (Triton's bundled
 ``ptxas -v`` on the PTX). This is a compile check, not a launch guarantee (shared/gpu
@@ -24,7 +24,7 @@ import sys
 
 H100_SHARED_BYTES = 232448  # 227 KB, the opt-in limit per block
 POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr": "fp32", "partial_ptr": "fp32",
-                  "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8"}
+                  "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32"}
 # strides that are 1 for the contiguous operands of a real call (Triton specialises those to constants)
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
                 "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
@@ -59,12 +59,20 @@ VARIANTS = {
     "lora_shrink_kernel": {"dropout": dict(HAS_DROPOUT=True), "no-dropout": dict(HAS_DROPOUT=False)},
     "lora_grad_output_kernel": {"all": {}},
     "lora_grad_a_kernel": {"dropout": dict(HAS_DROPOUT=True)},
+    "dora_norm_kernel": {
+        "bf16": {},
+        "bf16-fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee"),
+        "fp16": dict(dtype="fp16", adapters="fp16"),
+    },
 }
+# DoRA's norm kernel does not depend on M or the rank's padding (it steps through r at run time)
+SHAPELESS = {"dora_norm_kernel"}
 
 
 def kernels() -> dict:
     """name -> (JIT function, config factory) for every kernel fastlora launches on a GPU."""
     from fastlora.kernels import configs
+    from fastlora.kernels.dora_norm import dora_norm_kernel
     from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
     from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
     from fastlora.kernels.lora_gemm_tma import lora_gemm_tma_kernel
@@ -76,12 +84,15 @@ def kernels() -> dict:
         "lora_shrink_kernel": (lora_shrink_kernel, configs.rank_configs),
         "lora_grad_output_kernel": (lora_grad_output_kernel, configs.rank_configs),
         "lora_grad_a_kernel": (lora_grad_a_kernel, configs.rank_configs),
+        "dora_norm_kernel": (dora_norm_kernel, configs.norm_configs),
     }
 
 
 def config_list(name: str, M: int, r_pad: int, variant: str) -> list:
     """The candidate configs the launcher would try for this kernel, M, rank and variant."""
     factory = kernels()[name][1]
+    if name in SHAPELESS:
+        return factory(4096)
     if name == "lora_shrink_kernel":
         return factory(M, r_pad, draws_mask=VARIANTS[name][variant]["HAS_DROPOUT"])
     if name not in GEMMS:
@@ -182,7 +193,7 @@ def jobs(quick: bool) -> list[tuple[str, int, int, int, str]]:
     out = []
     for name in kernels():
         first, *others = VARIANTS[name]
-        for M, r_pad in RANKS:
+        for M, r_pad in RANKS[:1] if name in SHAPELESS else RANKS:
             count = 1 if quick or r_pad > 128 else len(config_list(name, M, r_pad, first))
             out += [(name, M, index, r_pad, first) for index in range(count)]
             out += [(name, M, 0, r_pad, variant) for variant in others]

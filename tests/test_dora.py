@@ -52,9 +52,9 @@ def with_magnitude(inputs: dict, case: Case, seed: int = 3) -> dict:
     return {**inputs, "magnitude": w.norm(dim=1) * noise}
 
 
-def cast_dora(inputs: dict, case: Case, dtype: torch.dtype) -> dict:
-    t = cast_inputs(inputs, case, dtype)
-    t["magnitude"] = leaf(inputs["magnitude"], t["lora_A"].dtype, "cpu").requires_grad_(True)
+def cast_dora(inputs: dict, case: Case, dtype: torch.dtype, device: str = "cpu") -> dict:
+    t = cast_inputs(inputs, case, dtype, device)
+    t["magnitude"] = leaf(inputs["magnitude"], t["lora_A"].dtype, device).requires_grad_(True)
     return t
 
 
@@ -69,7 +69,8 @@ def run_dora(fn, t: dict, case: Case, **kwargs) -> dict:
     return out
 
 
-def fastlora_dora(inputs: dict, case: Case, backend: str, seed: int = 1234) -> tuple[dict, torch.Tensor | None]:
+def fastlora_dora(inputs: dict, case: Case, backend: str, seed: int = 1234,
+                  device: str = "cpu") -> tuple[dict, torch.Tensor | None]:
     lead = inputs["x"].shape[:-1]
     masks = []
 
@@ -80,17 +81,18 @@ def fastlora_dora(inputs: dict, case: Case, backend: str, seed: int = 1234) -> t
         return y
 
     with fastlora.use_backend(backend):
-        t = cast_dora(inputs, case, case.dtype)
+        t = cast_dora(inputs, case, case.dtype, device)
         torch.manual_seed(seed)
         out = run_dora(keeping_mask, t, case)
     return out, masks[0] if masks else None
 
 
-def check_case(case: Case, backend: str) -> None:
+def check_case(case: Case, backend: str, device: str = "cpu") -> None:
+    """fastlora.dora_linear on ``backend`` under the 2x-error rule against the reference."""
     inputs = with_magnitude(make_inputs(case), case)
-    ours, mask = fastlora_dora(inputs, case, backend)
-    truth = run_dora(reference.dora_linear, cast_dora(inputs, case, torch.float64), case, dropout_mask=mask)
-    plain = run_dora(reference.dora_linear, cast_dora(inputs, case, case.dtype), case, dropout_mask=mask)
+    ours, mask = fastlora_dora(inputs, case, backend, device=device)
+    truth = run_dora(reference.dora_linear, cast_dora(inputs, case, torch.float64, device), case, dropout_mask=mask)
+    plain = run_dora(reference.dora_linear, cast_dora(inputs, case, case.dtype, device), case, dropout_mask=mask)
     if case.M:
         assert all(truth[k].abs().max() > 0 for k in ("dx", "dA", "dB", "dm")), "a gradient is zero: the case tests nothing"
     assert_2x_rule(ours, truth, plain, case.dtype, label=f"dora {backend} {case}")

@@ -164,3 +164,22 @@ def test_deterministic_mode_gives_bitwise_equal_steps(backend):
         torch.use_deterministic_algorithms(before)
     for key in first:
         assert torch.equal(first[key], second[key]), f"{backend} {key}"
+
+
+DORA_GPU_CASES = [
+    Case(M=4096, K=1024, N=2048, r=16, dtype=torch.bfloat16),
+    Case(M=2048, K=1024, N=1024, r=8, dtype=torch.bfloat16, adapter_dtype=torch.float32, dropout_p=0.1),
+    Case(M=777, K=333, N=555, r=64, dtype=torch.float16, fan_in_fan_out=True, dropout_p=0.2),
+    Case(M=16, K=4096, N=4096, r=16, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", DORA_GPU_CASES, ids=str)
+def test_gpu_dora_parity(case, backend):
+    """DoRA in bf16 / fp16 on the GPU (the Triton norm kernel's bf16 tl.dot included) under the
+    2x-error rule against fastlora.reference.dora_linear."""
+    from test_dora import check_case
+
+    check_case(case, backend, device="cuda")
+
