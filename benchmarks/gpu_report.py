@@ -12,8 +12,8 @@ gradient, dropout included with the mask read from the op's own keep bits; which
 configs ran; first-call seconds); the speed table of fastlora's targets (base, PEFT, PyTorch
 LoRA, the fused path, the torch path, auto's choice); a per-kernel profile of one fwd+bwd at
 the two shapes of NOTES.md (GPU time, registers, spills, shared memory); decode and host
-cost; LoRAFusion's sweep; saved bytes on the fused path; DoRA against PEFT's DoRA and the fused
-LoRA; tests/test_gpu.py under a timeout;
+cost; LoRAFusion's sweep; saved bytes on the fused path; tests/test_gpu.py under a timeout; DoRA
+against PEFT's DoRA and the fused LoRA;
 end to end if time is left. The report closes with the ``AUTO_ON_CUDA`` table its
 measurements support.
 
@@ -536,8 +536,8 @@ STAGES = [
     Stage("decode-host", stage_decode_and_host, 20, 5),
     Stage("sweep", stage_sweep, 45, 5),
     Stage("saved", stage_saved, 5, 1),
-    Stage("dora", stage_dora, 40, 8),
     Stage("gpu-tests", stage_gpu_tests, 90, 15),
+    Stage("dora", stage_dora, 40, 8),
     Stage("end-to-end", stage_end_to_end, 30, 10),
 ]
 
