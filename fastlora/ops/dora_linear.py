@@ -13,31 +13,23 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastlora import _backend, reference
+from fastlora import reference
 from fastlora.ops.dora_norm import weight_norm
-from fastlora.ops.lora_linear import (
-    _SEED_HIGH,
-    _check_tensor,
-    _describe,
-    _flatten_rows,
-    _ops,
-    frozen_flat_parameter_view,
-    plain_autograd_reason,
-    validate,
-)
+from fastlora.ops.lora_linear import _check_tensor, _describe, _ops, run_fused
 from fastlora.ops.torch_ops import unpack_keep_bits
 
 
-def validate_magnitude(magnitude: object, lora_A: torch.Tensor, out_features: int, device: torch.device) -> None:
+def validate_magnitude(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: object) -> None:
     """ValueError / TypeError naming ``magnitude`` unless it is an (out_features,) tensor in the
-    adapters' dtype on the inputs' device."""
+    adapters' dtype on x's device (lora_B (out_features, r) is checked already, by ``validate``)."""
     _check_tensor("magnitude", magnitude)
+    out_features = lora_B.shape[0]
     if tuple(magnitude.shape) != (out_features,):
         raise ValueError(f"magnitude must have shape (out_features={out_features},), got {_describe(magnitude)}")
     if magnitude.dtype != lora_A.dtype:
         raise TypeError(f"magnitude must have the adapters' dtype ({lora_A.dtype}), got {_describe(magnitude)}")
-    if magnitude.device != device:
-        raise ValueError(f"magnitude is on {magnitude.device} but x is on {device}; all tensors must share a device")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must share a device")
 
 
 ROW_BLOCKS = 8  # DoRA's extra M x K / M x N work runs in this many row blocks
@@ -190,38 +182,5 @@ def dora_linear(
     ``fastlora.reference.dora_linear``). Second derivatives are not supported (the backward is
     once-differentiable).
     """
-    _check_tensor("x", x)
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if autocast:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        magnitude = magnitude.to(dtype) if isinstance(magnitude, torch.Tensor) else magnitude
-    validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    validate_magnitude(magnitude, lora_A, out_features, x.device)
-    if weight.requires_grad and weight._base is not None and frozen_flat_parameter_view(weight):
-        weight = weight.detach()
-    plain_reason = plain_autograd_reason(x, weight)
-    if plain_reason is not None:
-        forced = _backend.current_backend()
-        if forced in ("triton", "cpp"):
-            raise RuntimeError(f"fastlora backend {forced!r} cannot run {plain_reason}; use 'torch' or 'auto'")
-        return reference.dora_linear(
-            x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), training, fan_in_fan_out
-        )
-    dropout_p = float(dropout_p) if training else 0.0
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0])
-    seed = None
-    if dropout_p > 0.0 and backend != "torch":
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
-    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, magnitude, float(scaling), dropout_p, seed,
-            fan_in_fan_out, backend)
-    if autocast:
-        with torch.autocast(x.device.type, enabled=False):
-            y = DoRALinearFunction.apply(*args)
-    else:
-        y = DoRALinearFunction.apply(*args)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return run_fused(DoRALinearFunction, reference.dora_linear, x, weight, bias, lora_A, lora_B, (magnitude,),
+                     scaling, dropout_p, training, fan_in_fan_out, validate_magnitude)

@@ -259,13 +259,43 @@ def lora_linear(
     math in plain autograd (``plain_autograd_reason``) under ``auto`` and ``torch``; a forced
     ``triton`` / ``cpp`` backend raises for them.
     """
+    return run_fused(LoRALinearFunction, reference.lora_linear, x, weight, bias, lora_A, lora_B, (),
+                     scaling, dropout_p, training, fan_in_fan_out)
+
+
+def run_fused(
+    function: type[torch.autograd.Function],
+    reference_fn,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    adapter_extras: tuple,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    fan_in_fan_out: bool,
+    validate_extras=None,
+) -> torch.Tensor:
+    """The path every fused op takes (``lora_linear``, ``dora_linear``): autocast casts, checks,
+    the plain-autograd fallback (``reference_fn``), dropout's seed, backend choice, then
+    ``function.apply(x (M, K), weight, bias, lora_A, lora_B, *adapter_extras, scaling,
+    dropout_p, seed, fan_in_fan_out, backend)`` below autocast, reshaped to (..., N).
+
+    ``adapter_extras``: the op's further adapter tensors (DoRA's magnitude), cast like the
+    adapters under autocast and checked by ``validate_extras(x, lora_A, lora_B, *extras)``.
+    """
     _check_tensor("x", x)
     autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+        adapter_extras = tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in adapter_extras)
     validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    if validate_extras is not None:
+        validate_extras(x, lora_A, lora_B, *adapter_extras)
     if weight.requires_grad and weight._base is not None and frozen_flat_parameter_view(weight):
         weight = weight.detach()
     plain_reason = plain_autograd_reason(x, weight)
@@ -273,7 +303,8 @@ def lora_linear(
         forced = _backend.current_backend()
         if forced in ("triton", "cpp"):
             raise RuntimeError(f"fastlora backend {forced!r} cannot run {plain_reason}; use 'torch' or 'auto'")
-        return reference.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), training, fan_in_fan_out)
+        return reference_fn(x, weight, bias, lora_A, lora_B, *adapter_extras, float(scaling), float(dropout_p),
+                            training, fan_in_fan_out)
     dropout_p = float(dropout_p) if training else 0.0
     if bias is not None and not bias.is_contiguous():  # the kernels read bias as a dense (N,) vector
         bias = bias.contiguous()
@@ -281,10 +312,11 @@ def lora_linear(
     seed = None
     if dropout_p > 0.0 and backend != "torch":  # the torch backend draws its mask from torch's generator
         seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
-    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, fan_in_fan_out, backend)
+    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, *adapter_extras, float(scaling), dropout_p, seed,
+            fan_in_fan_out, backend)
     if autocast:  # the inputs are cast already: the kernels run below autocast
         with torch.autocast(x.device.type, enabled=False):
-            y = LoRALinearFunction.apply(*args)
+            y = function.apply(*args)
     else:
-        y = LoRALinearFunction.apply(*args)
+        y = function.apply(*args)
     return y.reshape(*x.shape[:-1], y.shape[-1])
