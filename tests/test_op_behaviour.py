@@ -194,11 +194,13 @@ def test_saved_for_backward_with_dropout_is_small(backend):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_torch_compile_fullgraph_training_step(monkeypatch, backend):
+def test_torch_compile_fullgraph_training_step(monkeypatch, backend, use_dora):
     monkeypatch.setenv("FASTLORA_BACKEND", backend)
     torch.manual_seed(0)
-    model = nn.Sequential(fastlora.Linear(16, 32, r=4, lora_dropout=0.1), nn.GELU(), fastlora.Linear(32, 8, r=4))
+    model = nn.Sequential(fastlora.Linear(16, 32, r=4, lora_dropout=0.1, use_dora=use_dora, merge_weights=False),
+                          nn.GELU(), fastlora.Linear(32, 8, r=4, use_dora=use_dora, merge_weights=False))
     for m in model:
         if isinstance(m, fastlora.Linear):
             nn.init.normal_(m.lora_B)
@@ -212,6 +214,7 @@ def test_torch_compile_fullgraph_training_step(monkeypatch, backend):
     # Inductor draws its own random numbers unless told to use ATen's: needed to compare masks
     with torch._inductor.config.patch(fallback_random=True):
         compiled(x).square().mean().backward()
+    assert len(eager) == (8 if use_dora else 6)  # A, B, bias (and DoRA's magnitude) of both layers
     for name, g in eager.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-5)
 
