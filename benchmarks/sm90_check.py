@@ -24,7 +24,8 @@ import sys
 
 H100_SHARED_BYTES = 232448  # 227 KB, the opt-in limit per block
 POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr": "fp32", "partial_ptr": "fp32",
-                  "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32"}
+                  "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32",
+                  "scale_ptr": "fp32"}
 # strides that are 1 for the contiguous operands of a real call (Triton specialises those to constants)
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
                 "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
@@ -32,7 +33,7 @@ GEMMS = ("lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel"
 # (M, r_pad) of the compiles: large M at r = 16 ... 512 (above 128 the first config only), and decode
 RANKS = ((8192, 16), (8192, 32), (8192, 64), (8192, 128), (8192, 256), (8192, 512), (16, 16))
 ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right factor: the adapters' dtype
-FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
+FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "HAS_COLUMN_SCALE": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
          "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132}
 # The variants each kernel really launches with (flags beyond FLAGS; "dtype" the activations',
 # "adapters" the adapters' dtype, default bf16; the epilogue multiplies fp32 adapters in TF32
@@ -42,6 +43,7 @@ FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "NEEDS_G": True, "NEEDS_DB": Tr
 VARIANTS = {
     "lora_gemm_tma_kernel": {
         "forward": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False),
+        "forward-dora": dict(B_TRANSPOSED=True, HAS_BIAS=True, HAS_DROPOUT=False, HAS_COLUMN_SCALE=True),
         "dx": dict(B_TRANSPOSED=False, HAS_DROPOUT=True),
         "dx-no-dropout": dict(B_TRANSPOSED=False, HAS_DROPOUT=False),
         "dx-fifo": dict(B_TRANSPOSED=True, HAS_DROPOUT=True),
@@ -52,6 +54,7 @@ VARIANTS = {
     },
     "lora_forward_kernel": {
         "forward": dict(HAS_BIAS=True),
+        "forward-dora": dict(HAS_BIAS=True, HAS_COLUMN_SCALE=True),
         "forward-fp32-adapters": dict(HAS_BIAS=True, adapters="fp32"),
         "forward-fp16-fp32-adapters": dict(HAS_BIAS=True, dtype="fp16", adapters="fp32", ADAPTER_PRECISION="ieee"),
     },

@@ -1,4 +1,5 @@
-"""Forward kernels: S = drop(x) A^T, then y = x W^T + b + s * S B^T in one pass over y.
+"""Forward kernels: S = drop(x) A^T, then y = x W^T + b + s * S B^T in one pass over y
+(DoRA without dropout: y = g * (x W^T + s * S B^T) + b, the same pass with a column scale).
 
 Shapes: x (M, K) with any strides; A (r, K); W (N, K) (a (K, N) fan_in_fan_out weight is the
 same W read with swapped strides); B (N, r); b (N,); S (M, r) float32; y (M, N).
@@ -69,7 +70,7 @@ def lora_shrink_kernel(
 @triton.jit(do_not_specialize=["M"])
 def lora_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, scale_ptr, y_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -83,6 +84,7 @@ def lora_forward_kernel(
     scaling,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
     FUSED_SHRINK: tl.constexpr,
     R_PAD: tl.constexpr,
     R_CHUNK: tl.constexpr,
@@ -93,7 +95,9 @@ def lora_forward_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[m-block, n-block] = x W^T + b + scaling * S B^T, float32 accumulation, one store.
+    """y[m-block, n-block] = (x W^T + scaling * S B^T) (* column scale) + b, float32
+    accumulation, one store; the column scale (N,) float32 is DoRA's m / ||W + s B A||
+    (HAS_COLUMN_SCALE).
 
     S (M, r) float32 is read from s_ptr (its term, in rank chunks of R_CHUNK, starts the
     accumulator), or, with FUSED_SHRINK (no dropout, r <= 64: the decode path's single
@@ -132,6 +136,8 @@ def lora_forward_kernel(
             store_tile(s_ptr, s, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
         b_t = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n)
         acc = tl.dot((scaling * s).to(b_t.dtype), b_t, acc, input_precision=ADAPTER_PRECISION)
+    if HAS_COLUMN_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]

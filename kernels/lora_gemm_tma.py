@@ -12,7 +12,8 @@ Epilogue: the rank-r term L R with L (M, r) float32 (S or G) scaled by ``scaling
 (r, C) (B^T or A, read with strides), in rank chunks of R_CHUNK (``tiling.rank_term``: the
 epilogue's tiles stay the same size for any r): more MMAs into the same float32
 accumulator after the main loop, or, with dropout, before it, masked by the forward's keep
-bits, so that one accumulator tile is ever live; bias; one TMA store.
+bits, so that one accumulator tile is ever live; DoRA's per-column scale (forward only);
+bias; one TMA store.
 
 Persistent: grid = min(NUM_SMS, #tiles) programs, each looping over output tiles in GROUP_M
 order (``tiling.grouped_tile``). TMA needs 16-byte aligned base pointers and row strides; the
@@ -29,7 +30,7 @@ from fastlora.kernels.tiling import grouped_tile, rank_term
 @triton.jit(do_not_specialize=["M"])
 def lora_gemm_tma_kernel(
     # descriptors and pointers
-    a_desc, b_desc, c_desc, l_ptr, r_ptr, bias_ptr, bits_ptr,
+    a_desc, b_desc, c_desc, l_ptr, r_ptr, scale_ptr, bias_ptr, bits_ptr,
     # sizes
     M, C, RED, R,
     # strides
@@ -40,6 +41,7 @@ def lora_gemm_tma_kernel(
     scaling, dropout_p,
     # meta-parameters
     B_TRANSPOSED: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -52,10 +54,12 @@ def lora_gemm_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[m-block, c-block] = A_op B_op + scaling * L R (* keep / (1 - p)) (+ bias), fp32 accumulation.
+    """C[m-block, c-block] = (A_op B_op + scaling * L R (* keep / (1 - p))) (* column scale)
+    (+ bias), fp32 accumulation.
 
     Descriptor blocks: a_desc (BLOCK_M, BLOCK_K); b_desc (BLOCK_N, BLOCK_K) if B_TRANSPOSED else
-    (BLOCK_K, BLOCK_N); c_desc (BLOCK_M, BLOCK_N). L (M, R) float32, R (R, C), bias (C,),
+    (BLOCK_K, BLOCK_N); c_desc (BLOCK_M, BLOCK_N). L (M, R) float32, R (R, C), column scale (C,)
+    float32 (DoRA's m / ||W + s B A||, HAS_COLUMN_SCALE), bias (C,),
     bits (M, ceil(C / 8)) uint8. Grid: (min(NUM_SMS, #tiles),).
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(C, BLOCK_N)
@@ -85,6 +89,8 @@ def lora_gemm_tma_kernel(
         if not HAS_DROPOUT:  # no mask: the rank-r term is more MMAs into the accumulator
             acc = rank_term(acc, l_ptr, r_ptr, offs_m, offs_c, mask_m, mask_c, R, stride_lm, stride_lr,
                             stride_rr, stride_rc, scaling, ADAPTER_PRECISION, R_PAD, R_CHUNK)
+        if HAS_COLUMN_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         c_desc.store([off_m, off_c], acc.to(c_desc.dtype))

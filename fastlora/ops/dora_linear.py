@@ -70,7 +70,7 @@ class DoRALinearFunction(torch.autograd.Function):
     Write B_g = g * B (rows scaled, N x r): the LoRA op with B_g gives x W^T + b + g * L.
 
     Without dropout (drop(x) = x): y = g * (x W^T + L) + b, i.e. the LoRA op's output (no
-    bias) scaled per column. With dy_g = g * dy:
+    bias) scaled per column (on Triton inside the GEMM's epilogue, one pass over y). With dy_g = g * dy:
       dx = dy_g W + s (dy_g B) A,  dA = s (dy_g B)^T x,  dB = s dy_g^T S   (the LoRA backward of dy_g)
       dm = sum over rows of dy * (x W^T + L) / n = sum over rows of dy * (y - b) / (g n)
     With dropout: y = [x W^T + b + g * L] + (g - 1) * z, the bracket the LoRA op with B_g.
@@ -93,7 +93,11 @@ class DoRALinearFunction(torch.autograd.Function):
         forward_op, _ = _ops(backend, x)
         norm = weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, backend)
         g = magnitude.detach().float() / norm
-        if dropout_p == 0.0:
+        if dropout_p == 0.0 and backend == "triton":  # the column scale in the GEMM's epilogue
+            y, S, keep_bits = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                                         column_scale=g)
+            kept = y
+        elif dropout_p == 0.0:
             y_lora, S, keep_bits = forward_op(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
             y = _rows_times_columns(y_lora, g, bias)
             kept = y

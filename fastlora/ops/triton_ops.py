@@ -1,7 +1,8 @@
 """The ``triton`` backend: launchers for the kernels in ``fastlora.kernels``.
 
 ``forward`` and ``backward`` are registered with ``torch.library.triton_op`` as
-``fastlora::lora_fwd_triton`` and ``fastlora::lora_bwd_triton`` (the schema of ``schema.py``),
+``fastlora::lora_fwd_triton`` and ``fastlora::lora_bwd_triton`` (the schema of ``schema.py``;
+the forward takes one more optional argument, DoRA's ``column_scale``),
 so ``torch.compile`` traces into the kernels; eager calls run the same Python functions
 directly (no dispatcher round trip). Every kernel goes through ``launcher.launch``: one config
 per kernel and shape class (bucketed M), configs that do not fit dropped at run time.
@@ -164,9 +165,10 @@ def gemm_on_tma(
     name: str, a: torch.Tensor, weight: torch.Tensor, b_transposed: bool, out: torch.Tensor,
     left: torch.Tensor, right: torch.Tensor, stride_rr: int, stride_rc: int, bias: torch.Tensor | None,
     keep_bits: torch.Tensor, scaling: float, dropout_p: float, has_dropout: bool, describe,
+    column_scale: torch.Tensor | None = None,
 ) -> bool:
-    """out (M, C) = a (M, RED) x W + scaling * left right (masked with dropout) (+ bias) on the TMA
-    kernel; False (nothing launched) when this call cannot take it."""
+    """out (M, C) = (a (M, RED) x W + scaling * left right (masked with dropout)) (* column_scale)
+    (+ bias) on the TMA kernel; False (nothing launched) when this call cannot take it."""
     M, RED = a.shape
     C = out.shape[1]
     R = left.shape[1]
@@ -176,7 +178,8 @@ def gemm_on_tma(
     num_sms = multiprocessor_count(a.device)
     r_pad = padded_rank(R)
     meta = dict(
-        B_TRANSPOSED=b_transposed, HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
+        B_TRANSPOSED=b_transposed, HAS_COLUMN_SCALE=column_scale is not None, HAS_BIAS=bias is not None,
+        HAS_DROPOUT=has_dropout, R_PAD=r_pad,
         R_CHUNK=rank_chunk(r_pad), INPUT_PRECISION=dot_precision(a.dtype),
         ADAPTER_PRECISION=epilogue_precision(out.dtype, right.dtype), NUM_SMS=num_sms,
     )
@@ -190,7 +193,8 @@ def gemm_on_tma(
             TensorDescriptor.from_tensor(a, [bm, bk]),
             weight_descriptor(weight, [bn, bk] if b_transposed else [bk, bn]),
             TensorDescriptor.from_tensor(out, [bm, bn]),
-            left, right, bias if bias is not None else out, keep_bits,
+            left, right, column_scale if column_scale is not None else left, bias if bias is not None else out,
+            keep_bits,
             M, C, RED, R,
             left.stride(0), left.stride(1),
             stride_rr, stride_rc,
@@ -260,7 +264,10 @@ def forward(
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
+    column_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schema's forward; ``column_scale`` (N,) float32, Triton only (DoRA without dropout):
+    y = (x W^T + s S B^T) * column_scale + b in the GEMM's epilogue."""
     M, K = x.shape
     N, R = lora_B.shape
     y = x.new_empty((M, N))
@@ -295,17 +302,19 @@ def forward(
         )
         split.reduce()
         if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
-                       lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe):
+                       lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe, column_scale):
             return y, S, keep_bits
     stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
     forward_meta = dict(
-        HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
+        HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=column_scale is not None, FUSED_SHRINK=fused_shrink,
+        R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
         INPUT_PRECISION=dot_precision(x.dtype),
         ADAPTER_PRECISION=dot_precision(lora_B.dtype) if fused_shrink else epilogue_precision(y.dtype, lora_B.dtype),
     )
     launch(
         lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
-        (x, weight, bias if bias is not None else y, lora_A, S, lora_B, y,
+        (x, weight, bias if bias is not None else y, lora_A, S, lora_B,
+         column_scale if column_scale is not None else S, y,
          M, N, K, R,
          x.stride(0), x.stride(1),
          stride_wn, stride_wk,
