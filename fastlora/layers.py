@@ -21,8 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora.ops.dora_linear import dora_linear
+from fastlora.ops.dequant import dequantize
 from fastlora.ops.dora_norm import weight_norm_torch
 from fastlora.ops.lora_linear import lora_linear
+from fastlora.ops.qlora_linear import linear_4bit, qlora_linear
+from fastlora.ops.weight4bit import Weight4bit, from_params4bit
 
 
 def as_rank(r: object, minimum: int = 0) -> int:
@@ -271,6 +274,197 @@ class Linear(nn.Linear, LoRALayer):
 
 
 LoRALinear = Linear
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (``bitsandbytes.nn.Linear4bit`` and its NF4 / FP4
+    subclasses), recognised without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Any bitsandbytes linear layer (4-bit, 8-bit): its weight is not a dense float matrix."""
+    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
+
+
+class Linear4bit(Linear):
+    """QLoRA: a LoRA adapter on a bitsandbytes 4-bit base layer (``bitsandbytes.nn.Linear4bit``).
+
+    y = x dequant(W)^T + b + scaling * dropout(x) A^T B^T, x (..., in_features) ->
+    (..., out_features). The layer takes over the base layer's packed ``weight``
+    (``bitsandbytes.nn.Params4bit``, NF4 or FP4, nested or not) and ``bias`` as they are, so
+    the state dict has the base layer's keys (``weight``, ``weight.absmax``,
+    ``weight.quant_map``, ..., ``weight.quant_state.bitsandbytes__nf4``) plus ``lora_A`` /
+    ``lora_B``, and ``load_state_dict`` reads those keys back. The compute dtype follows
+    bitsandbytes' rule (the base layer's ``compute_dtype``, else that of the first float32 /
+    bfloat16 input); x is cast to it, W dequantized into it (fastlora/ops/dequant.py), the
+    output cast back to x's dtype. lora_A / lora_B default to float32, as PEFT creates them
+    on a 4-bit base. DoRA and fan_in_fan_out are not available on 4-bit layers.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        check_4bit_base(base_layer)
+        nn.Module.__init__(self)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        if self.r < 1:
+            raise ValueError(f"r must be an integer >= 1 on a 4-bit layer, got {r!r}")
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.weight = base_layer.weight
+        self.bias = base_layer.bias
+        self.weight.requires_grad = False
+        self.fan_in_fan_out = False
+        self.use_dora = False
+        self.base_class = type(base_layer)
+        self.compute_dtype = getattr(base_layer, "compute_dtype", None)
+        self.compute_type_is_set = getattr(base_layer, "compute_type_is_set", self.compute_dtype is not None)
+        dtype = adapter_dtype or torch.float32
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        base: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
+    ) -> "Linear4bit":
+        """``Linear.from_linear``'s signature for a 4-bit ``base``; ValueError for what a
+        4-bit layer cannot do (``use_dora``, ``fan_in_fan_out``)."""
+        refuse_4bit_options(use_dora, fan_in_fan_out)
+        return cls(base, r, lora_alpha, lora_dropout, merge_weights, use_rslora, adapter_dtype)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the adapter (A kaiming-uniform, B zeros); the 4-bit weight is kept."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def weight_4bit(self) -> Weight4bit:
+        """The packed weight as fastlora's dequantizers read it (checked on every call)."""
+        return from_params4bit(self.weight)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """bitsandbytes' rule: the layer's compute_dtype; unset, the first float32 / bfloat16
+        input's dtype becomes it; a float16 input with none set computes in float16."""
+        if not self.compute_type_is_set:
+            if x.dtype in (torch.float32, torch.bfloat16):
+                self.compute_dtype = x.dtype
+            self.compute_type_is_set = True
+        return self.compute_dtype or x.dtype
+
+    def add_dora_magnitude(self) -> None:
+        refuse_4bit_options(use_dora=True)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized base weight (out, in), a new tensor in ``dtype`` (default the
+        quant state's dtype, that of the weight bitsandbytes quantized)."""
+        weight = self.weight_4bit()
+        dtype = dtype or self.weight.quant_state.dtype
+        out = torch.empty((self.out_features, self.in_features), dtype=dtype, device=self.weight.device)
+        return dequantize(weight, dtype, "torch", out=out)
+
+    def _set_merged(self, merge: bool) -> None:
+        """PEFT's rule on a 4-bit base: dequantize (into the quant state's dtype), add or
+        subtract scaling * B A in float32, quantize again with the same quant type, block size,
+        nesting and storage. Lossy: the re-quantization rounds each value to its block's
+        4-bit grid again, so unmerging does not restore the original codes exactly."""
+        if merge == self.merged:
+            return
+        with torch.no_grad():
+            delta = self.delta_weight().float()
+            dense = self.dense_weight().float()
+            self._quantize_into_weight(dense + delta if merge else dense - delta)
+        self.merged = merge
+
+    def _quantize_into_weight(self, dense: torch.Tensor) -> None:
+        """Quantize ``dense`` (out, in) float32 into ``self.weight`` (same Parameter, new codes
+        and quant state) with the weight's own quant settings."""
+        bnb_functional = bitsandbytes_module("functional")
+        state = self.weight.quant_state
+        packed, new_state = bnb_functional.quantize_4bit(
+            dense, blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type,
+            quant_storage=self.weight.quant_storage,
+        )
+        new_state.dtype = state.dtype
+        self.weight.data = packed
+        self.weight.quant_state = new_state
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The base layer's keys, as bitsandbytes writes them: the packed weight, the bias and
+        the quant state's tensors under ``weight.<name>``; then the adapter."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Read the quant state's keys (``weight.absmax``, ...) back with the packed weight."""
+        QuantState = bitsandbytes_module("functional").QuantState
+        quant_prefix = prefix + "weight."
+        quant_keys = [k for k in state_dict if k.startswith(quant_prefix)]
+        quant = {k[len(quant_prefix):]: state_dict.pop(k) for k in quant_keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if quant:
+            self.weight.quant_state = QuantState.from_dict(quant, device=self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.compute_dtype_for(x)
+        x_compute = x.to(compute)
+        bias = self.bias.to(compute) if self.bias is not None else None
+        if not self.merged:
+            y = qlora_linear(x_compute, self.weight_4bit(), bias, self.lora_A, self.lora_B, self.scaling,
+                             self.lora_dropout_p, self.training)
+        else:
+            y = linear_4bit(x_compute, self.weight_4bit(), bias)
+        return y.to(x.dtype)
+
+
+def bitsandbytes_module(name: str):
+    """``bitsandbytes.<name>`` (an optional dependency), or ImportError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"bitsandbytes.{name}")
+    except ImportError as error:
+        raise ImportError("fastlora's 4-bit (QLoRA) layers need bitsandbytes: pip install 'fastlora[qlora]'") from error
+
+
+def refuse_4bit_options(use_dora: bool = False, fan_in_fan_out: bool = False) -> None:
+    """ValueError naming the option a 4-bit layer cannot take."""
+    if use_dora:
+        raise ValueError("use_dora=True: DoRA on a bitsandbytes 4-bit base is not supported by fastlora "
+                         "(inject DoRA into a dense model, or plain LoRA into the 4-bit one)")
+    if fan_in_fan_out:
+        raise ValueError("fan_in_fan_out=True does not fit a bitsandbytes Linear4bit, whose weight is (out, in)")
+
+
+def check_4bit_base(base: nn.Module, name: str = "base_layer") -> None:
+    """ValueError / TypeError naming ``name`` unless ``base`` is a quantized bitsandbytes
+    Linear4bit whose layout fastlora reads (weight4bit.from_params4bit's checks)."""
+    if not is_4bit_linear(base):
+        if is_quantized_linear(base):
+            raise TypeError(f"{name} is a bitsandbytes {type(base).__name__}; fastlora's quantized layers take "
+                            "4-bit bases (bitsandbytes.nn.Linear4bit) only")
+        raise TypeError(f"{name} must be a bitsandbytes.nn.Linear4bit, got {type(base).__name__}")
+    from_params4bit(base.weight, f"{name}.weight")
 
 
 class MergedLinear(nn.Linear, LoRALayer):

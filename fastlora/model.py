@@ -19,9 +19,15 @@ from fastlora.layers import (
     ConvLoRA,
     Embedding,
     Linear,
+    Linear4bit,
     LoRALayer,
     MergedLinear,
     as_dropout,
+    bitsandbytes_module,
+    check_4bit_base,
+    is_4bit_linear,
+    is_quantized_linear,
+    refuse_4bit_options,
     as_number,
     as_rank,
     mark_only_lora_as_trainable,
@@ -187,9 +193,10 @@ def inject(
             kind = "Conv1D (weight stored (in, out))" if detected else "nn.Linear (weight stored (out, in))"
             raise ValueError(f"fan_in_fan_out={fan_in_fan_out} does not fit module {name!r}, a {kind}")
         layout[name] = detected
+        check_quantized_target(model.get_submodule(name), name, use_dora)
     for name in names:
         base = model.get_submodule(name)
-        layer = Linear.from_linear(
+        layer = lora_linear_class(base).from_linear(
             base, r, lora_alpha, lora_dropout, fan_in_fan_out=layout[name], merge_weights=False,
             use_rslora=use_rslora, adapter_dtype=adapter_dtype, use_dora=use_dora,
         )
@@ -198,6 +205,24 @@ def inject(
     mark_only_lora_as_trainable(model, bias=bias)
     record_adapter_settings(model, bias, heads, task)
     return model
+
+
+def lora_linear_class(base: nn.Module) -> type[Linear]:
+    """The LoRA layer for a linear ``base``: Linear4bit on a bitsandbytes 4-bit layer, else Linear."""
+    return Linear4bit if is_4bit_linear(base) else Linear
+
+
+def check_quantized_target(base: nn.Module, name: str, use_dora: bool) -> None:
+    """For a bitsandbytes target (or a fastlora Linear4bit): ValueError / TypeError naming
+    module ``name`` unless it is a 4-bit layer fastlora reads and ``use_dora`` is off; nothing
+    for a dense target."""
+    if is_quantized_linear(base) or isinstance(base, Linear4bit):
+        if not isinstance(base, Linear4bit):
+            check_4bit_base(base, name)
+        try:
+            refuse_4bit_options(use_dora)
+        except ValueError as error:
+            raise ValueError(f"module {name!r}: {error}") from None
 
 
 def record_adapter_settings(model: nn.Module, bias: str, heads: list[str], task: str | None) -> None:
@@ -221,12 +246,19 @@ def _tied_names(model: nn.Module, weight: torch.Tensor, own: str) -> list[str]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add scaling * B A into every LoRA layer's weight (in float32, rounded once).
+    """Add scaling * B A into every LoRA layer's weight (in float32, rounded once; a 4-bit
+    weight is dequantized, merged and quantized again, as PEFT does).
 
     Warns when a merged weight is tied to another module's (e.g. lm_head to embed_tokens):
     merging changes both, as in PEFT.
     """
-    for name, layer in lora_layers(model):
+    _merge_layers(model, lora_layers(model))
+    return model
+
+
+def _merge_layers(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
+    """merge() for the given (name, layer) pairs of ``model``."""
+    for name, layer in layers:
         if not layer.merged:
             weight = layer._base_weight()
             own = (f"{name}." if name else "") + ("conv.weight" if isinstance(layer, ConvLoRA) else "weight")
@@ -234,9 +266,8 @@ def merge(model: nn.Module) -> nn.Module:
             if tied:
                 warnings.warn(f"fastlora.merge: the weight of {name!r} is tied to {tied}; merging its adapter "
                               "changes those too (untie the weights first to merge only this layer)", UserWarning,
-                              stacklevel=2)
+                              stacklevel=3)
         layer._set_merged(True)
-    return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -275,7 +306,34 @@ def _plain_embedding(layer: Embedding) -> nn.Embedding:
     return plain
 
 
-def _plain_module(layer: LoRALayer) -> nn.Module:
+def _plain_4bit(layer: Linear4bit, dequantize: bool) -> nn.Module:
+    """A merged 4-bit layer as a bitsandbytes Linear4bit holding its (re-quantized) weight, or
+    with ``dequantize`` as an nn.Linear with the dense weight in the quant state's dtype."""
+    if dequantize:
+        dense = layer.dense_weight().float()
+        if not layer.merged:
+            dense += layer.delta_weight().float()
+        with torch.device("meta"):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain.weight = _frozen(dense.to(layer.weight.quant_state.dtype))
+        plain.bias = layer.bias
+        return plain
+    state = layer.weight.quant_state
+    with torch.device("meta"):
+        plain = bitsandbytes_module("nn").Linear4bit(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, compute_dtype=layer.compute_dtype,
+            compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=layer.weight.quant_storage,
+        )
+    plain.weight = layer.weight
+    plain.weight.module = plain
+    plain.bias = layer.bias
+    plain.compute_type_is_set = layer.compute_type_is_set
+    return plain
+
+
+def _plain_module(layer: LoRALayer, dequantize: bool = False) -> nn.Module:
+    if isinstance(layer, Linear4bit):
+        return _plain_4bit(layer, dequantize)
     if isinstance(layer, (Linear, MergedLinear)):
         return _plain_linear(layer)
     if isinstance(layer, Embedding):
@@ -285,20 +343,24 @@ def _plain_module(layer: LoRALayer) -> nn.Module:
     raise TypeError(f"merge_and_unload does not know how to unload a {type(layer).__name__}")
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge, then replace every LoRA layer by the plain layer it wraps (in place).
 
     ``Linear`` / ``MergedLinear`` become ``nn.Linear`` (an injected Conv1D stays a Conv1D, as
-    in PEFT), ``Embedding`` an ``nn.Embedding``, ``Conv*d`` their inner convolution. Every
-    layer is checked before any changes.
+    in PEFT), ``Embedding`` an ``nn.Embedding``, ``Conv*d`` their inner convolution. A 4-bit
+    ``Linear4bit`` becomes a bitsandbytes ``Linear4bit`` whose weight is dequantized, merged
+    and quantized again (PEFT's rule; the re-quantization rounds every value to its block's
+    4-bit grid once more), or with ``dequantize=True`` an ``nn.Linear`` holding the dense merged
+    weight (dequantized and merged in float32, rounded once to the quant state's dtype: no
+    re-quantization). Every layer is checked before any changes.
     """
     layers = lora_layers(model)
     for name, layer in layers:
         if not isinstance(layer, (Linear, MergedLinear, Embedding, ConvLoRA)):
             raise TypeError(f"merge_and_unload does not know how to unload {name!r}, a {type(layer).__name__}")
-    merge(model)
+    _merge_layers(model, [(n, m) for n, m in layers if not (dequantize and isinstance(m, Linear4bit))])
     for name, layer in layers:
-        plain = _plain_module(layer)
+        plain = _plain_module(layer, dequantize)
         plain.train(layer.training)
         _set_submodule(model, name, plain)
     if hasattr(model, CONFIG_ATTRIBUTE):

@@ -23,11 +23,13 @@ from fastlora.layers import Linear, LoRALayer
 from fastlora.model import (
     CONFIG_ATTRIBUTE,
     _set_submodule,
+    check_quantized_target,
     find_modules_to_save,
     inject,
     is_conv1d,
     is_linear,
     lora_layers,
+    lora_linear_class,
     name_matches,
     record_adapter_settings,
     task_type,
@@ -271,6 +273,7 @@ def _plan_load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
         if module is None:
             raise ValueError(f"adapter key {PREFIX}{path}.lora_A.weight names no module of the model")
         in_features, out_features = _linear_features(path, module)
+        check_quantized_target(module, path, dora)
         expected = {"lora_A": (r, in_features), "lora_B": (out_features, r), MAGNITUDE: (out_features,)}
         for which, tensor in pair.items():
             if tuple(tensor.shape) != expected[which]:
@@ -374,13 +377,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             raise ValueError(f"PEFT layer {name!r} wraps a {type(base).__name__}; fastlora converts Linear / Conv1D targets")
         if layer.lora_B[adapter].bias is not None:
             raise ValueError(f"PEFT layer {name!r} has a bias on lora_B (lora_bias), which fastlora does not support")
-        plan.append((name, layer, adapter, base, bool(getattr(layer, "use_dora", {}).get(adapter, False))))
+        dora = bool(getattr(layer, "use_dora", {}).get(adapter, False))
+        check_quantized_target(base, name, dora)
+        plan.append((name, layer, adapter, base, dora))
     config = peft_configs.get(plan[0][2])
     rslora = bool(getattr(config, "use_rslora", False))
     heads = _unwrap_modules_to_save(base_model)
     for name, layer, adapter, base, dora in plan:
         dropout = layer.lora_dropout[adapter]
-        lora = Linear.from_linear(
+        lora = lora_linear_class(base).from_linear(
             base, layer.r[adapter], layer.lora_alpha[adapter],
             lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             fan_in_fan_out=is_conv1d(base), use_rslora=rslora, adapter_dtype=layer.lora_A[adapter].weight.dtype,

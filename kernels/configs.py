@@ -121,7 +121,21 @@ def estimated_shared_bytes(config: triton.Config, element_bytes: int, adapter_by
     bf16, 229 376 bytes estimated against 225 304 compiled; 128x128x64 in 3 stages with fp32
     adapters 149 504 against 147 480.
     """
+    if "BLOCK_M" not in config.kwargs:  # the streaming kernels (DoRA's norm, the dequantizer) keep tiles in registers
+        return 0
     m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     tiles = config.num_stages * (m + n) * k * element_bytes + m * n * element_bytes
     epilogue = r_chunk * (m + n) * adapter_bytes + m * n // 8 if adapter_bytes else 0
     return tiles + epilogue
+
+
+def dequant_configs() -> list[triton.Config]:
+    """The 4-bit dequantizer (kernels/dequant_4bit.py): BLOCK_BYTES bytes per program. 4096
+    bytes (8192 values) at 8 warps is 16 bytes in and 32 values out per thread, enough bytes
+    in flight to stream at memory speed; a 4096 x 4096 weight is 2048 programs."""
+    if interpreting():
+        return [triton.Config({"BLOCK_BYTES": 256}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_BYTES": 4096}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_BYTES": 1024}, num_warps=4, num_stages=1),
+    ]

@@ -9,7 +9,8 @@ a build killed halfway leaves no lock that later processes would wait on, and tw
 building at once never share a folder. An unwritable cache gives the warning below. The
 library registers the CPU kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose
 schema and fake kernels are defined here from ``schema.py``, so ``torch.compile`` sees the
-same op as for the other backends.
+same op as for the other backends, and of ``fastlora::dequant_4bit_cpp`` (QLoRA's 4-bit
+dequantizer, writing into its ``out``).
 
 ``FASTLORA_DISABLE_EXT=1`` turns the extension off. Without a C++ compiler or ninja, or when
 the build fails, a one-line warning is issued and the backend reports itself unavailable:
@@ -33,8 +34,13 @@ import torch.utils.cpp_extension
 from fastlora.ops.schema import define_ops
 
 define_ops("cpp")
+# the 4-bit dequantizer of csrc/dequant_4bit.cpp (fastlora/ops/weight4bit.py has the layout)
+torch.library.define(
+    "fastlora::dequant_4bit_cpp",
+    "(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor(a!) out) -> ()",
+)
 
-SOURCES = ("lora_cpu.cpp", "philox.cpp")
+SOURCES = ("lora_cpu.cpp", "philox.cpp", "dequant_4bit.cpp")
 HEADERS = ("philox.h",)
 LIBRARY = "fastlora_cpu.so"
 _NOT_TRIED = "not tried yet"

@@ -210,12 +210,13 @@ def plain_autograd_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-# the autograd nodes whose saved tensors start (x, weight, lora_A, lora_B, S, keep_bits, ...)
-KEEP_MASK_NODES = ("LoRALinearFunctionBackward", "DoRALinearFunctionBackward")
+# the autograd nodes that keep a dropout mask: the position of the keep bits among their
+# saved tensors (x is the first); the QLoRA node saves no weight
+KEEP_MASK_NODES = {"LoRALinearFunctionBackward": 5, "DoRALinearFunctionBackward": 5, "QLoRALinearFunctionBackward": 4}
 
 
 def saved_keep_mask(y: torch.Tensor) -> torch.Tensor:
-    """The dropout keep-mask (M, K) bool that the ``lora_linear`` (or ``dora_linear``) call which returned ``y`` drew
+    """The dropout keep-mask (M, K) bool that the ``lora_linear`` (``dora_linear``, ``qlora_linear``) call which returned ``y`` drew
     (M = rows of its flattened x), read from the keep bits its autograd node saved for the
     backward. For tests and reports; call it before ``y.backward`` frees what was saved."""
     from fastlora.ops.torch_ops import unpack_keep_bits
@@ -224,9 +225,9 @@ def saved_keep_mask(y: torch.Tensor) -> torch.Tensor:
     while node is not None and type(node).__name__ not in KEEP_MASK_NODES:
         node = node.next_functions[0][0] if node.next_functions else None
     if node is None:
-        raise ValueError("y was not made by a fused lora_linear / dora_linear call that records a backward")
+        raise ValueError("y was not made by a fused lora_linear / dora_linear / qlora_linear call that records a backward")
     saved = node.saved_tensors
-    return unpack_keep_bits(saved[5], saved[0].shape[1])
+    return unpack_keep_bits(saved[KEEP_MASK_NODES[type(node).__name__]], saved[0].shape[1])
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
