@@ -4,6 +4,7 @@ from setuptools import setup
 # releases (CI); tests/test_packaging.py checks that the installed ones lie in these ranges.
 TORCH = "torch>=2.11"
 TRITON = "triton>=3.6; platform_system == 'Linux'"
+BITSANDBYTES = "bitsandbytes>=0.48"
 
 setup(
     name="fastlora",
@@ -20,7 +21,10 @@ setup(
         TRITON,
     ],
     extras_require={
+        # QLoRA: LoRA on bitsandbytes 4-bit (NF4 / FP4) base layers
+        "qlora": [BITSANDBYTES],
         "dev": [
+            BITSANDBYTES,
             "pytest",
             "pytest-benchmark",
             "loralib",

@@ -6,7 +6,8 @@
 Each kernel is compiled as an H100 launch would specialise it: pointers 16-byte aligned, sizes
 and row strides multiples of 16, unit strides as constants, r = 16, 64 and 128, in the
 variants it really launches with (``VARIANTS``: forward and dx layouts, with and without
-dropout, fp32 adapters, fp16; bf16 by default; DoRA's norm kernel once, it has no M or r_pad). Reports per kernel and config the shared memory, whether the dots
+dropout, fp32 adapters, fp16; bf16 by default; DoRA's norm kernel and QLoRA's dequantizer once,
+they have no M or r_pad). Reports per kernel and config the shared memory, whether the dots
 lower to Hopper's wgmma (``wgmma.mma_async`` in the PTX), whether tiles arrive by TMA
 (``cp.async.bulk.tensor``), and the registers per thread and spill bytes (Triton's bundled
 ``ptxas -v`` on the PTX). This is a compile check, not a launch guarantee (shared/gpu
@@ -25,7 +26,7 @@ import sys
 H100_SHARED_BYTES = 232448  # 227 KB, the opt-in limit per block
 POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr": "fp32", "partial_ptr": "fp32",
                   "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32",
-                  "scale_ptr": "fp32"}
+                  "scale_ptr": "fp32", "packed_ptr": "u8", "absmax_ptr": "fp32", "code_ptr": "fp32"}
 # strides that are 1 for the contiguous operands of a real call (Triton specialises those to constants)
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
                 "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
@@ -34,7 +35,8 @@ GEMMS = ("lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel"
 RANKS = ((8192, 16), (8192, 32), (8192, 64), (8192, 128), (8192, 256), (8192, 512), (16, 16))
 ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right factor: the adapters' dtype
 FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "HAS_COLUMN_SCALE": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
-         "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132}
+         "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132,
+         "BLOCKSIZE": 64}
 # The variants each kernel really launches with (flags beyond FLAGS; "dtype" the activations',
 # "adapters" the adapters' dtype, default bf16; the epilogue multiplies fp32 adapters in TF32
 # for a bf16 output and in IEEE fp32 for an fp16 one, as triton_ops.epilogue_precision says).
@@ -67,14 +69,21 @@ VARIANTS = {
         "bf16-fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee"),
         "fp16": dict(dtype="fp16", adapters="fp16"),
     },
+    "dequant_4bit_kernel": {  # QLoRA's dequantizer, into the compute dtype; BLOCKSIZE 64 (QLoRA's) and 4096
+        "bf16": {},
+        "fp16": dict(dtype="fp16"),
+        "fp32": dict(dtype="fp32"),
+        "bf16-blocks-4096": dict(BLOCKSIZE=4096),
+    },
 }
-# DoRA's norm kernel does not depend on M or the rank's padding (it steps through r at run time)
-SHAPELESS = {"dora_norm_kernel"}
+# DoRA's norm kernel and the dequantizer depend on neither M nor the rank's padding
+SHAPELESS = {"dora_norm_kernel", "dequant_4bit_kernel"}
 
 
 def kernels() -> dict:
     """name -> (JIT function, config factory) for every kernel fastlora launches on a GPU."""
     from fastlora.kernels import configs
+    from fastlora.kernels.dequant_4bit import dequant_4bit_kernel
     from fastlora.kernels.dora_norm import dora_norm_kernel
     from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
     from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
@@ -88,12 +97,15 @@ def kernels() -> dict:
         "lora_grad_output_kernel": (lora_grad_output_kernel, configs.rank_configs),
         "lora_grad_a_kernel": (lora_grad_a_kernel, configs.rank_configs),
         "dora_norm_kernel": (dora_norm_kernel, configs.norm_configs),
+        "dequant_4bit_kernel": (dequant_4bit_kernel, configs.dequant_configs),
     }
 
 
 def config_list(name: str, M: int, r_pad: int, variant: str) -> list:
     """The candidate configs the launcher would try for this kernel, M, rank and variant."""
     factory = kernels()[name][1]
+    if name == "dequant_4bit_kernel":
+        return factory()
     if name in SHAPELESS:
         return factory(4096)
     if name == "lora_shrink_kernel":

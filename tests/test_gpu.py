@@ -183,3 +183,42 @@ def test_gpu_dora_parity(case, backend):
 
     check_case(case, backend, device="cuda")
 
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_gpu_dequantize_is_bitsandbytes_bit_for_bit(backend, quant_type):
+    """The Triton dequantizer (bf16 included, which the interpreter rounds differently) and the
+    torch one against bitsandbytes' CUDA dequantize_4bit."""
+    import bitsandbytes.functional as bnb_functional
+
+    from fastlora.ops import dequant
+    from fastlora.ops.weight4bit import from_params4bit
+    from test_qlora import params4bit
+
+    torch.manual_seed(0)
+    for rows, cols, blocksize in [(4096, 4096, 64), (333, 555, 64), (96, 100, 32), (11008, 4096, 128)]:
+        for nested in (False, True):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                weight = params4bit(torch.randn(rows, cols, dtype=dtype), quant_type, nested, blocksize, device="cuda")
+                expected = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+                got = dequant.dequantize(from_params4bit(weight), dtype, backend,
+                                         out=torch.empty(rows, cols, dtype=dtype, device="cuda"))
+                assert torch.equal(got, expected), f"{backend} {quant_type} {rows}x{cols}/{blocksize} {nested} {dtype}"
+
+
+QLORA_GPU_CASES = [
+    (Case(M=4096, K=1024, N=2048, r=16, dtype=torch.bfloat16, dropout_p=0.1), "nf4", True, 64),
+    (Case(M=2048, K=1024, N=1024, r=8, dtype=torch.bfloat16, adapter_dtype=torch.float32, dropout_p=0.1), "nf4", True, 64),
+    (Case(M=777, K=336, N=555, r=64, dtype=torch.float16, dropout_p=0.2), "fp4", False, 128),
+    (Case(M=16, K=4096, N=4096, r=16, dtype=torch.bfloat16), "nf4", True, 64),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case,quant_type,nested,blocksize", QLORA_GPU_CASES, ids=lambda v: str(v))
+def test_gpu_qlora_parity(case, quant_type, nested, blocksize, backend):
+    """QLoRA in bf16 / fp16 on the GPU under the 2x-error rule against dequantize_4bit + reference."""
+    from test_qlora import check_qlora_case
+
+    check_qlora_case(case, quant_type, nested, blocksize, backend, device="cuda")

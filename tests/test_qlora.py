@@ -28,10 +28,11 @@ DTYPES = {"torch": (torch.float32, torch.float16, torch.bfloat16), "cpp": (torch
           "triton": (torch.float32, torch.float16)}
 
 
-def params4bit(weight: torch.Tensor, quant_type="nf4", nested=True, blocksize=64, quant_storage=torch.uint8):
-    """``weight`` quantized by bitsandbytes as a Linear4bit holds it."""
+def params4bit(weight: torch.Tensor, quant_type="nf4", nested=True, blocksize=64, quant_storage=torch.uint8,
+               device="cpu"):
+    """``weight`` quantized by bitsandbytes (on ``device``) as a Linear4bit holds it."""
     return bnb.nn.Params4bit(weight.clone(), requires_grad=False, blocksize=blocksize, quant_type=quant_type,
-                             compress_statistics=nested, quant_storage=quant_storage).to("cpu")
+                             compress_statistics=nested, quant_storage=quant_storage).to(device)
 
 
 def linear4bit(in_features=40, out_features=24, bias=True, seed=0, compute_dtype=torch.float32, **quant):
@@ -113,8 +114,8 @@ def run_qlora(t: dict, weight, case: Case) -> tuple[dict, torch.Tensor | None]:
     return out, mask
 
 
-def reference_on(dense: torch.Tensor, inputs: dict, case: Case, dtype: torch.dtype, mask) -> dict:
-    t = cast_inputs({**inputs, "weight": dense.double()}, case, dtype)
+def reference_on(dense: torch.Tensor, inputs: dict, case: Case, dtype: torch.dtype, mask, device: str = "cpu") -> dict:
+    t = cast_inputs({**inputs, "weight": dense.double()}, case, dtype, device)
     y = reference.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scaling"],
                               case.dropout_p, True, dropout_mask=mask)
     y.backward(t["dy"])
@@ -124,27 +125,32 @@ def reference_on(dense: torch.Tensor, inputs: dict, case: Case, dtype: torch.dty
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case,quant_type,nested,blocksize", QCASES, ids=lambda v: str(v))
-def test_qlora_op_matches_dequantize_plus_reference(backend, case, quant_type, nested, blocksize):
-    """Forward and every gradient, dropout on and off, under the 2x-error rule against
-    fastlora.reference on bitsandbytes' own dequantized weight."""
-    if backend == "triton" and case.dtype == torch.bfloat16:
-        pytest.skip("bf16 tl.dot does not run in the interpreter (tests/test_gpu.py runs it)")
+def check_qlora_case(case: Case, quant_type: str, nested: bool, blocksize: int, backend: str, device: str = "cpu") -> None:
+    """qlora_linear's forward and every gradient under the 2x-error rule against
+    fastlora.reference on bitsandbytes' own dequantized weight, dropout with the op's mask."""
     inputs = make_inputs(case)
-    weight = params4bit(inputs["weight"].to(case.dtype), quant_type, nested, blocksize)
+    weight = params4bit(inputs["weight"].to(case.dtype), quant_type, nested, blocksize, device=device)
     dense = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)  # in case.dtype
     with fastlora.use_backend(backend):
-        t = cast_inputs(inputs, case)
+        t = cast_inputs(inputs, case, device=device)
         torch.manual_seed(7)
         ours, mask = run_qlora(t, from_params4bit(weight), case)
     if mask is not None:
         assert 0 < mask.float().mean() < 1
-    truth = reference_on(dense, inputs, case, torch.float64, mask)
-    plain = reference_on(dense, inputs, case, case.dtype, mask)
+    truth = reference_on(dense, inputs, case, torch.float64, mask, device)
+    plain = reference_on(dense, inputs, case, case.dtype, mask, device)
     if case.M:
         assert all(truth[k].abs().max() > 0 for k in ("dx", "dA", "dB")), "a gradient is zero: the case tests nothing"
     assert_2x_rule(ours, truth, plain, case.dtype, label=f"qlora {backend} {case} {quant_type}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,quant_type,nested,blocksize", QCASES, ids=lambda v: str(v))
+def test_qlora_op_matches_dequantize_plus_reference(backend, case, quant_type, nested, blocksize):
+    """Forward and every gradient, dropout on and off, odd shapes, fp32 adapters on half compute dtypes."""
+    if backend == "triton" and case.dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot does not run in the interpreter (tests/test_gpu.py runs it)")
+    check_qlora_case(case, quant_type, nested, blocksize, backend)
 
 
 def quantized_llama(**quant):
