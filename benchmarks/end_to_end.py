@@ -7,9 +7,12 @@ The model is built from a LlamaConfig (random weights, no download). Providers:
   frozen    the model without LoRA, every weight frozen: forward + backward to the input
             embeddings (the floor a LoRA step cannot beat);
   peft      PEFT's LoRA on every attention and MLP projection;
-  fastlora  fastlora.load_adapter of the same adapter (same weights, auto backend).
+  fastlora  fastlora.load_adapter of the same adapter (same weights, auto backend);
+  peft-qlora, fastlora-qlora (with bitsandbytes installed) the same two on the model with its
+            linears quantized to NF4 (QLoRA: nested absmax, blocks of 64, adapters in float32;
+            vs_peft of fastlora-qlora is against peft-qlora).
 A step is forward, loss, backward and an AdamW step on the trainable parameters. Before
-timing, fastlora's loss is checked against PEFT's with dropout off; a mismatch is reported
+timing, each fastlora model's loss is checked against its PEFT twin's with dropout off; a mismatch is reported
 as ``wrong`` and not timed. Reports the median step time (p20 / p80), tokens/s, the ratio to
 frozen and to PEFT, bytes saved for backward per step and, on CUDA, peak memory. Rows are
 appended to benchmarks/out/<device>-end-to-end.csv (git-ignored; --csv picks another file).
@@ -40,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import harness
+from benchmarks.providers import bitsandbytes_installed, quantize_linears
 from benchmarks.run import LOCAL_RESULTS, append_csv, device_name, dropout_rate, git_sha, triton_version
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,8 +69,10 @@ class Setup:
 SETUPS = {
     ("cuda", False): Setup(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000, batch=4, seq_len=1024),
     ("cuda", True): Setup(hidden=2048, intermediate=5632, layers=2, heads=16, vocab=32000, batch=2, seq_len=512),
-    ("cpu", False): Setup(hidden=512, intermediate=1376, layers=2, heads=8, vocab=2000, batch=4, seq_len=128),
-    ("cpu", True): Setup(hidden=256, intermediate=688, layers=2, heads=4, vocab=1000, batch=2, seq_len=64),
+    # CPU widths are multiples of 64: bitsandbytes 0.50's CPU dequantizer, which PEFT's QLoRA
+    # layers run on, is wrong for other row lengths (tests/test_qlora.py)
+    ("cpu", False): Setup(hidden=512, intermediate=1408, layers=2, heads=8, vocab=2000, batch=4, seq_len=128),
+    ("cpu", True): Setup(hidden=256, intermediate=704, layers=2, heads=4, vocab=1000, batch=2, seq_len=64),
 }
 
 
@@ -81,7 +87,9 @@ def base_model(setup: Setup, device: str, dtype: torch.dtype) -> nn.Module:
 
 
 def build_models(setup: Setup, dropout: float, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """frozen, peft and fastlora models sharing the base weights' values and one adapter."""
+    """frozen, peft and fastlora models sharing the base weights' values and one adapter; with
+    bitsandbytes installed also peft-qlora and fastlora-qlora, the same adapter (in float32, as
+    PEFT keeps it on a 4-bit base) on the model with its linears in NF4 (nested, blocks of 64)."""
     import peft
 
     import fastlora
@@ -93,10 +101,15 @@ def build_models(setup: Setup, dropout: float, device: str, dtype: torch.dtype) 
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
+    models = {"frozen": frozen, "peft": theirs}
     with tempfile.TemporaryDirectory() as directory:
         theirs.save_pretrained(directory)
-        ours = fastlora.load_adapter(copy.deepcopy(frozen), directory)
-    return {"frozen": frozen, "peft": theirs, "fastlora": ours}
+        models["fastlora"] = fastlora.load_adapter(copy.deepcopy(frozen), directory)
+        if bitsandbytes_installed():
+            quantized = quantize_linears(copy.deepcopy(frozen), dtype)
+            models["peft-qlora"] = peft.PeftModel.from_pretrained(copy.deepcopy(quantized), directory, is_trainable=True)
+            models["fastlora-qlora"] = fastlora.load_adapter(quantized, directory)
+    return models
 
 
 def training_step(model: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -149,14 +162,20 @@ def interleaved_step_times(steps: dict[str, Callable[[], None]], device: str, bu
     return samples
 
 
-def losses_agree(models: dict[str, nn.Module], embeddings: torch.Tensor, labels: torch.Tensor) -> bool:
+# each fastlora model and the PEFT model whose loss it must give
+PEERS = {"fastlora": "peft", "fastlora-qlora": "peft-qlora"}
+
+
+def losses_agree(models: dict[str, nn.Module], embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, bool]:
+    """For each fastlora model: whether its loss (dropout off) is its PEFT peer's."""
     with torch.no_grad():
-        losses = {name: models[name].eval()(inputs_embeds=embeddings, labels=labels).loss.float().item()
-                  for name in ("peft", "fastlora")}
+        losses = {name: model.eval()(inputs_embeds=embeddings, labels=labels).loss.float().item()
+                  for name, model in models.items() if name in PEERS or name in PEERS.values()}
     for model in models.values():
         model.train()
     tolerance = 1e-4 if embeddings.dtype == torch.float32 else 2e-2
-    return math.isclose(losses["fastlora"], losses["peft"], rel_tol=tolerance)
+    return {ours: math.isclose(losses[ours], losses[theirs], rel_tol=tolerance)
+            for ours, theirs in PEERS.items() if ours in losses}
 
 
 def run_setup(setup: Setup, dropout: float, device: str, dtype: torch.dtype, budget_s: float) -> list[dict]:
@@ -166,7 +185,7 @@ def run_setup(setup: Setup, dropout: float, device: str, dtype: torch.dtype, bud
     embeddings = models["frozen"].get_input_embeddings()(ids).detach().requires_grad_()
     agree = losses_agree(models, embeddings, ids)
     tokens = setup.batch * setup.seq_len
-    timed = {name: model for name, model in models.items() if name != "fastlora" or agree}
+    timed = {name: model for name, model in models.items() if agree.get(name, True)}
     steps = {name: training_step(model, embeddings, ids) for name, model in timed.items()}
     samples = interleaved_step_times(steps, device, budget_s)
     rows = []
@@ -187,19 +206,20 @@ def run_setup(setup: Setup, dropout: float, device: str, dtype: torch.dtype, bud
     for row in rows:
         if row["status"] == "ok":
             row["vs_frozen"] = row["median_ms"] / timed["frozen"]
-            row["vs_peft"] = row["median_ms"] / timed["peft"] if "peft" in timed else math.nan
+            peer = "peft-qlora" if "qlora" in row["provider"] else "peft"
+            row["vs_peft"] = row["median_ms"] / timed[peer] if peer in timed else math.nan
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'p':>4} {'provider':<9} {'median ms':>10} {'p20-p80 ms':>14} {'tokens/s':>10} {'vs frozen':>9} "
-             f"{'vs peft':>8} {'saved MB':>9} {'peak MB':>8}", "-" * 89]
+    lines = [f"{'p':>4} {'provider':<14} {'median ms':>10} {'p20-p80 ms':>14} {'tokens/s':>10} {'vs frozen':>9} "
+             f"{'vs peft':>8} {'saved MB':>9} {'peak MB':>8}", "-" * 94]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"{row['dropout']:>4} {row['provider']:<9} {row['status']:>10}")
+            lines.append(f"{row['dropout']:>4} {row['provider']:<14} {row['status']:>10}")
             continue
         lines.append(
-            f"{row['dropout']:>4} {row['provider']:<9} {row['median_ms']:>10.2f} "
+            f"{row['dropout']:>4} {row['provider']:<14} {row['median_ms']:>10.2f} "
             f"{row['p20_ms']:>6.2f}-{row['p80_ms']:<7.2f} {row['tokens_per_s']:>10.0f} "
             f"{row['vs_frozen']:>9.2f} {row['vs_peft']:>8.2f} {row['saved_bytes'] / 2**20:>9.1f} "
             f"{row['peak_mem_bytes'] / 2**20:>8.1f}"

@@ -13,7 +13,8 @@ configs ran; first-call seconds); the speed table of fastlora's targets (base, P
 LoRA, the fused path, the torch path, auto's choice); a per-kernel profile of one fwd+bwd at
 the two shapes of NOTES.md (GPU time, registers, spills, shared memory); decode and host
 cost; LoRAFusion's sweep; saved bytes on the fused path; tests/test_gpu.py under a timeout; DoRA
-against PEFT's DoRA and the fused LoRA;
+against PEFT's DoRA and the fused LoRA; QLoRA against PEFT + bitsandbytes and the fused bf16
+LoRA, and its decode forwards against the bf16 base;
 end to end if time is left. The report closes with the ``AUTO_ON_CUDA`` table its
 measurements support.
 
@@ -477,6 +478,60 @@ def stage_dora(report: Report) -> None:
     report.sections.append(("DoRA fwd+bwd (ms)", lines))
 
 
+QLORA_PROVIDERS = ["fastlora-triton", "peft-qlora", "fastlora-qlora-triton", "fastlora-qlora-torch"]
+QLORA_DECODE_PROVIDERS = ["base", "fastlora-triton", "fastlora-qlora-triton", "fastlora-qlora-torch"]
+
+
+def stage_qlora(report: Report) -> None:
+    """QLoRA (issue 19's GPU targets): fwd+bwd on an NF4 base (nested absmax, blocks of 64,
+    fp32 adapters, bf16 compute) of fastlora (Triton dequantizer + fused GEMMs; torch path:
+    bitsandbytes' CUDA dequantizer + cuBLAS) against PEFT + bitsandbytes and fastlora's fused
+    bf16 LoRA, after a parity check; then decode forwards against the bf16 base."""
+    base = report.plan.speed[0].shape
+    # K a multiple of the block size: bitsandbytes 0.50's CPU dequantizer (the smoke run's
+    # reference) is wrong for rows shorter than a block (tests/test_qlora.py)
+    s = Shape(base.M, max(base.K, 64), base.N, base.r, 0.1, bias=False)
+    weights = make_weights(s, report.dtype, report.device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(s.M, s.K, generator=g).to(device=report.device, dtype=report.dtype).requires_grad_(True)
+    dy = torch.randn(s.M, s.N, generator=g).to(device=report.device, dtype=report.dtype)
+    truth = build("qlora-reference", weights, s.dropout)
+    memory = {}
+    for name in ("peft-qlora", "fastlora-qlora-triton"):
+        module = build(name, weights, s.dropout)
+        error = harness.check_against_reference(module, truth, x, dy)
+        if error is not None:
+            raise AssertionError(f"{name} disagrees with dequantize_4bit + reference at {s}: {error}")
+        peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), report.device) if report.device == "cuda" else math.nan
+        memory[name] = (harness.saved_bytes(lambda: module(x), [x, *module.parameters()]) / 2**20, peak / 2**20)
+    rows = timed(report, s, "full", QLORA_PROVIDERS)
+    report.rows("qlora", s, "full", rows)
+    vs_lora = ratio(rows, "fastlora-qlora-triton", "fastlora-triton")
+    vs_peft = ratio(rows, "peft-qlora", "fastlora-qlora-triton")
+    lines = ["| M, K, N, r | p | fastlora bf16 LoRA (fused) | PEFT + bitsandbytes | QLoRA fused | QLoRA torch "
+             "| QLoRA fused / LoRA fused | PEFT / QLoRA fused | saved MiB PEFT / fused | peak MiB PEFT / fused |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| {s.M}, {s.K}, {s.N}, {s.r} | {s.dropout} | " + " | ".join(f"{rows[n]['median_ms']:.3f}" for n in QLORA_PROVIDERS)
+             + f" | {vs_lora:.2f} | {vs_peft:.2f} | {memory['peft-qlora'][0]:.1f} / {memory['fastlora-qlora-triton'][0]:.1f} | "
+             f"{memory['peft-qlora'][1]:.1f} / {memory['fastlora-qlora-triton'][1]:.1f} |", "",
+             "Decode forward (ms):", "",
+             "| M | base (bf16) | fastlora bf16 LoRA | QLoRA fused | QLoRA torch | QLoRA fused / base |",
+             "|---|---|---|---|---|---|"]
+    report.target(f"QLoRA ({s.M}, {s.K}, {s.N}, {s.r}) p0.1 full: time vs fused bf16 LoRA", "<= 1.1x",
+                  vs_lora, 1.1, at_most=True)
+    report.target(f"QLoRA ({s.M}, {s.K}, {s.N}, {s.r}) p0.1 full: speed-up vs PEFT + bitsandbytes", ">= 1.3x",
+                  vs_peft, 1.3, at_most=False)
+    for d in report.plan.decode:
+        decode = timed(report, d, "fwd", QLORA_DECODE_PROVIDERS)
+        report.rows("qlora-decode", d, "fwd", decode)
+        vs_base = ratio(decode, "fastlora-qlora-triton", "base")
+        lines.append(f"| {d.M} | " + " | ".join(f"{decode[n]['median_ms']:.4f}" for n in QLORA_DECODE_PROVIDERS)
+                     + f" | {vs_base:.2f} |")
+        report.target(f"QLoRA decode M={d.M} ({d.K}, {d.N}) fwd: time vs the bf16 base", "<= 0.7x",
+                      vs_base, 0.7, at_most=True)
+    report.sections.append(("QLoRA (ms)", lines))
+
+
 def stage_gpu_tests(report: Report) -> None:
     """pytest -m gpu tests/test_gpu.py, stopped when the budget runs out (5 s kept for the rest)."""
     timeout_s = max(10.0, report.budget_s - report.elapsed() - 5)
@@ -538,6 +593,7 @@ STAGES = [
     Stage("saved", stage_saved, 5, 1),
     Stage("gpu-tests", stage_gpu_tests, 90, 15),
     Stage("dora", stage_dora, 40, 8),
+    Stage("qlora", stage_qlora, 35, 8),
     Stage("end-to-end", stage_end_to_end, 30, 10),
 ]
 

@@ -4,7 +4,10 @@ Every provider gets W (N, K), b (N,), A (r, K), B (N, r) and DoRA's magnitude m 
 from one seed, and returns a module whose forward takes x (M, K). ``base`` is the frozen
 nn.Linear without LoRA. The DoRA providers (``DORA_PROVIDERS``: PEFT's ``use_dora=True``
 layer, fastlora's DoRA layer per backend, the reference) are checked against
-``dora-reference`` and compared with ``peft-dora``.
+``dora-reference`` and compared with ``peft-dora``; the QLoRA providers (``QLORA_PROVIDERS``:
+PEFT's layer for bitsandbytes 4-bit bases, fastlora.Linear4bit per backend, the reference on
+the dequantized weight; NF4, nested absmax, blocks of 64, float32 adapters, the compute dtype
+the benchmark's) against ``qlora-reference`` and ``peft-qlora``.
 """
 
 from __future__ import annotations
@@ -145,22 +148,119 @@ def peft_layer(w: Weights, dropout: float, use_dora: bool = False) -> nn.Module:
     return layer
 
 
+def linear_4bit(linear: nn.Linear, compute_dtype: torch.dtype, quant_type: str = "nf4", nested: bool = True,
+                blocksize: int = 64) -> nn.Module:
+    """A bitsandbytes Linear4bit quantized from ``linear``'s weight on its device (QLoRA's
+    recipe by default: NF4, nested absmax, blocks of 64), bias kept, everything frozen."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach()
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=nested, quant_type=quant_type,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.cpu().clone(), requires_grad=False, blocksize=blocksize,
+                                     compress_statistics=nested, quant_type=quant_type).to(weight.device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    # on AVX-512 BF16 CPUs bitsandbytes repacks the weight in its first eval-mode forward (and
+    # fails on small layers): keep PEFT's layers on the layout they train in
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, **quant) -> nn.Module:
+    """``model`` (in place) with every nn.Linear but the output layer a bitsandbytes 4-bit
+    layer (``linear_4bit``), marked ``is_loaded_in_4bit`` as transformers marks such models
+    (PEFT reads it): what ``from_pretrained(..., load_in_4bit=True)`` gives, without a download."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not output:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    linear_4bit(module, compute_dtype, **quant))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+class ReferenceQLoRA(ReferenceLoRA):
+    """fastlora.reference.lora_linear on bitsandbytes' dequantized 4-bit weight."""
+
+    def __init__(self, w: Weights, dropout: float) -> None:
+        import bitsandbytes.functional as bnb_functional
+
+        quantized = linear_4bit(base_layer(w), w.weight.dtype).weight
+        dense = bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state)
+        super().__init__(dataclasses.replace(w, weight=dense), dropout)
+
+
+class FastQLoRA(nn.Module):
+    """fastlora.Linear4bit (float32 adapters, as PEFT's) on a fixed backend."""
+
+    def __init__(self, w: Weights, dropout: float, backend: str) -> None:
+        super().__init__()
+        r = w.lora_A.shape[0]
+        self.layer = fastlora.Linear4bit(linear_4bit(base_layer(w), w.weight.dtype), r=r, lora_alpha=w.scaling * r,
+                                         lora_dropout=dropout)
+        self.layer.lora_A.data.copy_(w.lora_A)
+        self.layer.lora_B.data.copy_(w.lora_B)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fastlora.use_backend(self.backend):
+            return self.layer(x)
+
+
+def peft_qlora_layer(w: Weights, dropout: float) -> nn.Module:
+    """PEFT's LoRA layer for bitsandbytes 4-bit bases (float32 adapters), on the same 4-bit base."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    r = w.lora_A.shape[0]
+    alpha = w.scaling * r
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer = PeftLinear4bit(linear_4bit(base_layer(w), w.weight.dtype), "default", config=config, r=r,
+                           lora_alpha=alpha, lora_dropout=dropout)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(w.lora_A)
+        layer.lora_B["default"].weight.copy_(w.lora_B)
+    return layer
+
+
 BACKEND_PROVIDERS = ["fastlora-torch", "fastlora-triton", "fastlora-cpp"]
 DORA_PROVIDERS = ["dora-reference", "peft-dora", "fastlora-dora", "fastlora-dora-torch", "fastlora-dora-triton",
                   "fastlora-dora-cpp"]
-ALL_PROVIDERS = ["base", "reference", "reference-compiled", "peft", "fastlora", *BACKEND_PROVIDERS, *DORA_PROVIDERS]
+QLORA_PROVIDERS = ["qlora-reference", "peft-qlora", "fastlora-qlora", "fastlora-qlora-torch", "fastlora-qlora-triton",
+                   "fastlora-qlora-cpp"]
+ALL_PROVIDERS = ["base", "reference", "reference-compiled", "peft", "fastlora", *BACKEND_PROVIDERS, *DORA_PROVIDERS,
+                 *QLORA_PROVIDERS]
+# per variant: the provider a variant's rows are checked against, the one vs_peft divides by,
+# and the one vs_reference divides by (DoRA's and QLoRA's targets compare with fastlora's LoRA)
+VARIANT_PEERS = {
+    "lora": {"check": "reference", "peft": "peft", "reference": "reference"},
+    "dora": {"check": "dora-reference", "peft": "peft-dora", "reference": "fastlora"},
+    "qlora": {"check": "qlora-reference", "peft": "peft-qlora", "reference": "fastlora"},
+}
 
 
 def backend_of(name: str) -> str | None:
     """The fastlora backend a provider forces (``fastlora-dora-cpp`` -> ``cpp``), or None."""
-    for prefix in ("fastlora-dora-", "fastlora-"):
-        if name.startswith(prefix) and name != "fastlora-dora":
+    for prefix in ("fastlora-dora-", "fastlora-qlora-", "fastlora-"):
+        if name.startswith(prefix) and name not in ("fastlora-dora", "fastlora-qlora"):
             return name.removeprefix(prefix)
     return None
 
 
-def is_dora(name: str) -> bool:
-    return name in DORA_PROVIDERS
+def variant(name: str) -> str:
+    """``lora``, ``dora`` or ``qlora``: which op a provider runs."""
+    if name in DORA_PROVIDERS:
+        return "dora"
+    if name in QLORA_PROVIDERS:
+        return "qlora"
+    return "lora"
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def provider_names(device: str) -> list[str]:
@@ -178,13 +278,19 @@ def provider_names(device: str) -> list[str]:
         names.append("reference-compiled")
     if "peft" in names:
         names.append("peft-dora")
-    return names + ["fastlora-dora"]
+    names.append("fastlora-dora")
+    if bitsandbytes_installed():
+        names += ["peft-qlora"] if "peft" in names else []
+        names.append("fastlora-qlora")
+    return names
 
 
 def unavailable_reason(name: str, device: str) -> str | None:
     """Why provider ``name`` cannot run on ``device`` here, or None when it can."""
-    if name in ("peft", "peft-dora") and importlib.util.find_spec("peft") is None:
+    if name in ("peft", "peft-dora", "peft-qlora") and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
+    if variant(name) == "qlora" and not bitsandbytes_installed():
+        return "bitsandbytes is not installed (pip install 'fastlora[qlora]')"
     if backend_of(name) is not None:
         from fastlora import _backend
 
@@ -214,8 +320,16 @@ def build(name: str, w: Weights, dropout: float) -> nn.Module:
         module = FastLoRA(w, dropout, "auto")
     elif name == "fastlora-dora":
         module = FastLoRA(w, dropout, "auto", use_dora=True)
+    elif name == "qlora-reference":
+        module = ReferenceQLoRA(w, dropout)
+    elif name == "peft-qlora":
+        module = peft_qlora_layer(w, dropout)
+    elif name == "fastlora-qlora":
+        module = FastQLoRA(w, dropout, "auto")
+    elif name in QLORA_PROVIDERS and backend_of(name) is not None:
+        module = FastQLoRA(w, dropout, backend_of(name))
     elif name in ALL_PROVIDERS and backend_of(name) is not None:
-        module = FastLoRA(w, dropout, backend_of(name), use_dora=is_dora(name))
+        module = FastLoRA(w, dropout, backend_of(name), use_dora=variant(name) == "dora")
     else:
         raise ValueError(f"unknown provider {name!r}")
     return module.train()

@@ -8,9 +8,10 @@ Prints a table, appends one row per (provider, shape, mode) to benchmarks/out/<d
 (an ignored folder, so a clone stays clean; ``--csv benchmarks/results/<device>.csv`` adds to
 the committed results) with device, versions, git sha and timestamp, and redraws the PNG
 plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
-fastlora.reference (``dora_linear`` for the DoRA providers) is reported as ``wrong`` and not
-timed. DoRA rows compare with PEFT's DoRA layer (``vs_peft``) and their ``vs_reference`` is
-against fastlora's own LoRA layer (``fastlora``) when it ran, the ratio DoRA's targets use.
+fastlora.reference (``dora_linear`` for the DoRA providers, ``lora_linear`` on the dequantized
+weight for the QLoRA ones) is reported as ``wrong`` and not timed. DoRA and QLoRA rows compare
+with PEFT's DoRA / 4-bit layer (``vs_peft``) and their ``vs_reference`` is against fastlora's
+own LoRA layer on the dense weight (``fastlora``) when it ran, the ratio their targets use.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import torch
 from benchmarks import harness
 from benchmarks.providers import (
     ALL_PROVIDERS,
+    VARIANT_PEERS,
     Shape,
     build,
-    is_dora,
     make_weights,
     provider_names,
     unavailable_reason,
+    variant,
 )
 
 RESULTS = pathlib.Path(__file__).parent / "results"  # committed results
@@ -165,14 +167,13 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
-    references = {False: build("reference", weights, shape.dropout)}
-    if any(is_dora(name) for name in providers):
-        references[True] = build("dora-reference", weights, shape.dropout)
+    references = {kind: build(VARIANT_PEERS[kind]["check"], weights, shape.dropout)
+                  for kind in sorted({variant(name) for name in providers})}
     rows = []
     for name in providers:
         module = build(name, weights, shape.dropout)
         first_call = harness.first_call_seconds(lambda: module(x).backward(dy), device)
-        error = None if name == "base" else harness.check_against_reference(module, references[is_dora(name)], x, dy)
+        error = None if name == "base" else harness.check_against_reference(module, references[variant(name)], x, dy)
         saved = harness.saved_bytes(lambda: module(x), [x, *module.parameters()])
         peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), device)
         for mode in modes:
@@ -189,9 +190,8 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
             )
             rows.append(row)
     for row in rows:
-        dora = is_dora(row["provider"])
-        for other, column in (("base", "vs_base"), ("peft-dora" if dora else "peft", "vs_peft"),
-                              ("fastlora" if dora else "reference", "vs_reference")):
+        peers = VARIANT_PEERS[variant(row["provider"])]
+        for other, column in (("base", "vs_base"), (peers["peft"], "vs_peft"), (peers["reference"], "vs_reference")):
             match = [o for o in rows if o["provider"] == other and o["mode"] == row["mode"] and "median_ms" in o]
             if "median_ms" in row and match:
                 row[column] = row["median_ms"] / match[0]["median_ms"]
@@ -201,17 +201,17 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} {'mode':>4} {'provider':<19} {'median ms':>10} " \
+    header = f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} {'mode':>4} {'provider':<21} {'median ms':>10} " \
              f"{'TFLOP/s':>8} {'vs base':>8} {'vs peft':>8} {'saved MB':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["status"] != "ok":
             lines.append(f"{row['M']:>6} {row['K']:>6} {row['N']:>6} {row['r']:>4} {row['dropout']:>4} "
-                         f"{row['mode']:>4} {row['provider']:<19} {row['status']}")
+                         f"{row['mode']:>4} {row['provider']:<21} {row['status']}")
             continue
         lines.append(
             f"{row['M']:>6} {row['K']:>6} {row['N']:>6} {row['r']:>4} {row['dropout']:>4} {row['mode']:>4} "
-            f"{row['provider']:<19} {row['median_ms']:>10.3f} {row['tflops']:>8.2f} "
+            f"{row['provider']:<21} {row['median_ms']:>10.3f} {row['tflops']:>8.2f} "
             f"{row.get('vs_base', math.nan):>8.2f} {row.get('vs_peft', math.nan):>8.2f} "
             f"{row['saved_bytes'] / 2**20:>9.2f}"
         )

@@ -21,6 +21,7 @@ def test_smoke_report_writes_markdown_csv_and_png(tmp_path):
     assert stage_outcomes(text) == {stage.name: "done" for stage in gpu_report.STAGES}
     for section in ("## Targets", "## Environment", "## Parity", "## Speed", "## Per-kernel profile",
                     "## Decode and host cost", "## LoRAFusion sweep", "## Saved for backward", "## DoRA fwd+bwd (ms)",
+                    "## QLoRA (ms)",
                     "## GPU tests",
                     "## End to end", "## AUTO_ON_CUDA supported by this run"):
         assert section in text, section
@@ -30,7 +31,7 @@ def test_smoke_report_writes_markdown_csv_and_png(tmp_path):
     assert "lora_grad_a_kernel" in text.split("## Parity", 1)[1]  # the kernels that ran are listed
     assert "AUTO_ON_CUDA = {" in text and "('decode', 'r<=16')" in text
     rows = list(csv.DictReader(markdown.with_suffix(".csv").open()))
-    assert {row["section"] for row in rows} == {"speed", "sweep", "decode", "dora"}
+    assert {row["section"] for row in rows} == {"speed", "sweep", "decode", "dora", "qlora", "qlora-decode"}
     assert all(float(row["median_ms"]) > 0 for row in rows)
     assert markdown.with_suffix(".png").stat().st_size > 0
 

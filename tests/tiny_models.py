@@ -50,24 +50,10 @@ def lora_grads(model: nn.Module) -> dict:
     return out
 
 
+
 def quantize_linears(model: nn.Module, quant_type: str = "nf4", nested: bool = True, blocksize: int = 64,
                      compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``model`` with every nn.Linear but the output layer replaced by a bitsandbytes 4-bit
-    Linear4bit quantized from its weight (what ``from_pretrained(..., load_in_4bit=True)``
-    gives), marked ``is_loaded_in_4bit`` as transformers marks such models (PEFT reads it)."""
-    import bitsandbytes as bnb
+    """``model`` with bitsandbytes 4-bit linears (benchmarks.providers.quantize_linears)."""
+    from benchmarks.providers import quantize_linears as quantize
 
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is output:
-            continue
-        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=nested, quant_type=quant_type)
-        quantized.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, blocksize=blocksize,
-                                             compress_statistics=nested, quant_type=quant_type)
-        if module.bias is not None:
-            quantized.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized.to("cpu"))
-    model.is_loaded_in_4bit = True
-    return model
+    return quantize(model, compute_dtype, quant_type=quant_type, nested=nested, blocksize=blocksize)

@@ -8,8 +8,10 @@ is allocated per call or per layer, and nothing is saved for the backward. The w
 reused in stream order, so one device's layers must run on one CUDA stream (or thread) at a
 time; ``release_workspaces`` frees it.
 
-Backends: ``torch`` (plain torch ops, weight4bit.dequantize_torch), ``cpp`` (csrc/dequant_4bit.cpp)
-and ``triton`` (kernels/dequant_4bit.py); all three give bitsandbytes' dequantize_4bit bit for bit.
+Backends: ``torch`` (on a GPU bitsandbytes' own CUDA dequantizer, the library-composed path
+PEFT and Unsloth take; elsewhere plain torch ops, weight4bit.dequantize_torch), ``cpp``
+(csrc/dequant_4bit.cpp) and ``triton`` (kernels/dequant_4bit.py); all give bitsandbytes'
+dequantize_4bit bit for bit.
 """
 
 from __future__ import annotations
@@ -56,5 +58,11 @@ def dequantize(weight: Weight4bit, dtype: torch.dtype, backend: str, out: torch.
 
         cpp_ops.load()
         torch.ops.fastlora.dequant_4bit_cpp(weight.packed, absmax_fp32(weight), weight.code, weight.blocksize, out)
+        return out
+    if out.device.type == "cuda":  # the torch path on a GPU: bitsandbytes' own CUDA kernel
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.dequantize_4bit(weight.packed.view(-1, 1), absmax=absmax_fp32(weight), out=out,
+                                       blocksize=weight.blocksize, quant_type=weight.quant_type)
         return out
     return dequantize_torch(weight, out)

@@ -108,17 +108,22 @@ def absmax_fp32(weight: Weight4bit) -> torch.Tensor:
 
 def dequantize_torch(weight: Weight4bit, out: torch.Tensor) -> torch.Tensor:
     """Dequantize into ``out`` (out_features, in_features), contiguous, float32 / float16 /
-    bfloat16, in plain torch ops: chunks of about a MiB of packed bytes, so the temporaries
-    (the byte indices, the float32 pairs) stay small. Returns ``out``."""
+    bfloat16, in plain torch ops, a chunk of whole blocks (about a MiB of packed bytes) at a
+    time, so the temporaries (the byte indices, the float32 values) stay small. Returns ``out``."""
     flat = out.view(-1)
     pair_table = torch.stack((weight.code.repeat_interleave(16), weight.code.repeat(16)), dim=1)  # byte -> (hi, lo)
     absmax = absmax_fp32(weight)
     half = weight.blocksize // 2  # bytes per block (block sizes are even)
-    step = max(half, _CHUNK_BYTES // half * half)
-    for start in range(0, weight.packed.numel(), step):
-        stop = min(start + step, weight.packed.numel())
-        pairs = pair_table[weight.packed[start:stop].long()]
-        scale = absmax[start // half: -(-stop // half)].repeat_interleave(half)[: stop - start]
-        values = (pairs * scale[:, None]).view(-1)[: weight.numel - 2 * start]
-        flat[2 * start: 2 * start + values.numel()].copy_(values)
+    blocks = absmax.numel()
+    step = max(1, _CHUNK_BYTES // half)
+    for first in range(0, blocks, step):
+        last = min(first + step, blocks)
+        chunk = weight.packed[first * half: last * half]
+        pairs = pair_table[chunk.long()].view(-1)
+        if pairs.numel() < (last - first) * 2 * half:  # the last block is partial
+            pairs = torch.nn.functional.pad(pairs, (0, (last - first) * 2 * half - pairs.numel()))
+        values = (pairs.view(last - first, 2 * half) * absmax[first:last, None]).view(-1)
+        start = 2 * first * half
+        stop = min(weight.numel, 2 * last * half)
+        flat[start:stop].copy_(values[: stop - start])
     return out
