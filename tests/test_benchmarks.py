@@ -2,25 +2,15 @@
 of the README must not crash on any provider, compiled ones included."""
 
 import csv
-import importlib.util
 
 import pytest
 
 from benchmarks import harness, run
-from benchmarks.providers import ALL_PROVIDERS, Shape
-from lora_cases import available_backends
+from benchmarks.providers import ALL_PROVIDERS, Shape, unavailable_reason
 
 
 def runnable_here() -> list[str]:
-    names = []
-    for name in ALL_PROVIDERS:
-        backend = name.removeprefix("fastlora-") if name.startswith("fastlora-") else None
-        if backend is not None and backend not in available_backends("cpu"):
-            continue
-        if name == "peft" and importlib.util.find_spec("peft") is None:
-            continue
-        names.append(name)
-    return names
+    return [name for name in ALL_PROVIDERS if unavailable_reason(name, "cpu") is None]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -33,7 +23,7 @@ def test_every_provider_runs_in_every_mode(dropout):
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert row["first_call_s"] > 0
-    assert "reference-compiled" in providers
+    assert {"reference-compiled", "fastlora-qlora-cpp", "fastlora-qlora-triton", "peft-qlora"} <= set(providers)
 
 
 def test_main_writes_the_csv(tmp_path):
