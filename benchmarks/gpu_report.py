@@ -46,6 +46,7 @@ import torch
 import fastlora
 import fastlora.reference as reference
 from fastlora._backend import AUTO_ON_CUDA, shape_class
+from fastlora.ops import qlora_linear as qlora_module
 from fastlora.ops.lora_linear import saved_keep_mask
 from benchmarks import end_to_end, harness, overhead
 from benchmarks.providers import Shape, build, make_weights
@@ -480,6 +481,7 @@ def stage_dora(report: Report) -> None:
 
 QLORA_PROVIDERS = ["fastlora-triton", "peft-qlora", "fastlora-qlora-triton", "fastlora-qlora-torch"]
 QLORA_DECODE_PROVIDERS = ["base", "fastlora-triton", "fastlora-qlora-triton", "fastlora-qlora-torch"]
+IN_GEMM = "fastlora-qlora-triton-in-gemm"  # the same provider with the in-GEMM decode dequant on
 
 
 def stage_qlora(report: Report) -> None:
@@ -514,21 +516,34 @@ def stage_qlora(report: Report) -> None:
              f"| {s.M}, {s.K}, {s.N}, {s.r} | {s.dropout} | " + " | ".join(f"{rows[n]['median_ms']:.3f}" for n in QLORA_PROVIDERS)
              + f" | {vs_lora:.2f} | {vs_peft:.2f} | {memory['peft-qlora'][0]:.1f} / {memory['fastlora-qlora-triton'][0]:.1f} | "
              f"{memory['peft-qlora'][1]:.1f} / {memory['fastlora-qlora-triton'][1]:.1f} |", "",
-             "Decode forward (ms):", "",
-             "| M | base (bf16) | fastlora bf16 LoRA | QLoRA fused | QLoRA torch | QLoRA fused / base |",
-             "|---|---|---|---|---|---|"]
+             "Decode forward (ms); QLoRA fused: the Triton dequantizer then the fused GEMM, in-GEMM: W "
+             "dequantized in the GEMM's main loop (qlora_linear.IN_GEMM_DEQUANT_MAX_ROWS = 64):", "",
+             "| M | base (bf16) | fastlora bf16 LoRA | QLoRA fused | QLoRA torch | QLoRA in-GEMM | in-GEMM / base "
+             "| in-GEMM / fused |",
+             "|---|---|---|---|---|---|---|---|"]
     report.target(f"QLoRA ({s.M}, {s.K}, {s.N}, {s.r}) p0.1 full: time vs fused bf16 LoRA", "<= 1.1x",
                   vs_lora, 1.1, at_most=True)
     report.target(f"QLoRA ({s.M}, {s.K}, {s.N}, {s.r}) p0.1 full: speed-up vs PEFT + bitsandbytes", ">= 1.3x",
                   vs_peft, 1.3, at_most=False)
+    in_gemm_wins = []
     for d in report.plan.decode:
         decode = timed(report, d, "fwd", QLORA_DECODE_PROVIDERS)
+        before = qlora_module.IN_GEMM_DEQUANT_MAX_ROWS
+        qlora_module.IN_GEMM_DEQUANT_MAX_ROWS = 64
+        try:
+            decode[IN_GEMM] = timed(report, d, "fwd", ["fastlora-qlora-triton"])["fastlora-qlora-triton"]
+        finally:
+            qlora_module.IN_GEMM_DEQUANT_MAX_ROWS = before
         report.rows("qlora-decode", d, "fwd", decode)
-        vs_base = ratio(decode, "fastlora-qlora-triton", "base")
-        lines.append(f"| {d.M} | " + " | ".join(f"{decode[n]['median_ms']:.4f}" for n in QLORA_DECODE_PROVIDERS)
-                     + f" | {vs_base:.2f} |")
-        report.target(f"QLoRA decode M={d.M} ({d.K}, {d.N}) fwd: time vs the bf16 base", "<= 0.7x",
+        vs_base = ratio(decode, IN_GEMM, "base")
+        in_gemm_wins.append(ratio(decode, IN_GEMM, "fastlora-qlora-triton") < 1.0)
+        lines.append(f"| {d.M} | " + " | ".join(f"{decode[n]['median_ms']:.4f}" for n in [*QLORA_DECODE_PROVIDERS, IN_GEMM])
+                     + f" | {vs_base:.2f} | {ratio(decode, IN_GEMM, 'fastlora-qlora-triton'):.2f} |")
+        report.target(f"QLoRA decode M={d.M} ({d.K}, {d.N}) fwd, in-GEMM dequant: time vs the bf16 base", "<= 0.7x",
                       vs_base, 0.7, at_most=True)
+    rows_setting = 64 if in_gemm_wins and all(in_gemm_wins) else 0
+    lines += ["", f"Supported by this run: `IN_GEMM_DEQUANT_MAX_ROWS = {rows_setting}` in fastlora/ops/qlora_linear.py "
+              "(64 where the in-GEMM dequant beat dequantize-then-GEMM at every decode M measured, else 0)."]
     report.sections.append(("QLoRA (ms)", lines))
 
 

@@ -26,7 +26,8 @@ import sys
 H100_SHARED_BYTES = 232448  # 227 KB, the opt-in limit per block
 POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr": "fp32", "partial_ptr": "fp32",
                   "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32",
-                  "scale_ptr": "fp32", "packed_ptr": "u8", "absmax_ptr": "fp32", "code_ptr": "fp32"}
+                  "scale_ptr": "fp32", "packed_ptr": "u8", "wq_ptr": "u8", "absmax_ptr": "fp32",
+                  "code_ptr": "fp32"}
 # strides that are 1 for the contiguous operands of a real call (Triton specialises those to constants)
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
                 "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
@@ -36,7 +37,7 @@ RANKS = ((8192, 16), (8192, 32), (8192, 64), (8192, 128), (8192, 256), (8192, 51
 ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right factor: the adapters' dtype
 FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "HAS_COLUMN_SCALE": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
          "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132,
-         "BLOCKSIZE": 64}
+         "QUANT_BLOCK": 64, "W_4BIT": False}
 # The variants each kernel really launches with (flags beyond FLAGS; "dtype" the activations',
 # "adapters" the adapters' dtype, default bf16; the epilogue multiplies fp32 adapters in TF32
 # for a bf16 output and in IEEE fp32 for an fp16 one, as triton_ops.epilogue_precision says).
@@ -57,6 +58,7 @@ VARIANTS = {
     "lora_forward_kernel": {
         "forward": dict(HAS_BIAS=True),
         "forward-dora": dict(HAS_BIAS=True, HAS_COLUMN_SCALE=True),
+        "forward-4bit": dict(HAS_BIAS=True, W_4BIT=True, adapters="fp32"),  # QLoRA decode: W dequantized in the loop
         "forward-fp32-adapters": dict(HAS_BIAS=True, adapters="fp32"),
         "forward-fp16-fp32-adapters": dict(HAS_BIAS=True, dtype="fp16", adapters="fp32", ADAPTER_PRECISION="ieee"),
     },
@@ -73,7 +75,7 @@ VARIANTS = {
         "bf16": {},
         "fp16": dict(dtype="fp16"),
         "fp32": dict(dtype="fp32"),
-        "bf16-blocks-4096": dict(BLOCKSIZE=4096),
+        "bf16-blocks-4096": dict(QUANT_BLOCK=4096),
     },
 }
 # DoRA's norm kernel and the dequantizer depend on neither M nor the rank's padding
@@ -113,7 +115,8 @@ def config_list(name: str, M: int, r_pad: int, variant: str) -> list:
     if name not in GEMMS:
         return factory(M, r_pad)
     adapter_bytes = 4 if VARIANTS[name][variant].get("adapters") == "fp32" else 2
-    return factory(M, r_pad, adapter_bytes, pointer=name != "lora_gemm_tma_kernel")
+    return factory(M, r_pad, adapter_bytes, pointer=name != "lora_gemm_tma_kernel",
+                   four_bit=VARIANTS[name][variant].get("W_4BIT", False))
 
 
 def compile_one(name: str, M: int, index: int, r_pad: int, variant: str | None = None) -> dict:

@@ -30,7 +30,8 @@ _SAFE_GEMM = _config(32, 32, 32, num_warps=4, num_stages=2, GROUP_M=1)
 _SAFE_RANK = _config(16, 32, 32, num_warps=4, num_stages=1)
 
 
-def gemm_configs(M: int, r_pad: int = 16, adapter_bytes: int = 2, pointer: bool = False) -> list[triton.Config]:
+def gemm_configs(M: int, r_pad: int = 16, adapter_bytes: int = 2, pointer: bool = False,
+                 four_bit: bool = False) -> list[triton.Config]:
     """Tiles for the (M x N, reduce over K) GEMMs with a rank-r epilogue (forward y, backward dx).
 
     M <= 64 (decode): one rule, thin row tiles and many column tiles so that every SM streams W.
@@ -40,9 +41,14 @@ def gemm_configs(M: int, r_pad: int = 16, adapter_bytes: int = 2, pointer: bool 
     2; float32 adapters double the epilogue's tiles, so they start at 128 x 128. Each list's
     first config compiles for sm_90 within 227 KB and without register spills in every variant
     that launches, r = 16 ... 512 (benchmarks/sm90_check.py; tests/test_sm90_compile.py).
+    ``four_bit``: the decode forward that dequantizes a 4-bit W in its main loop, whose
+    unpacking and absmax gathers need registers: 16 x 64 x 64 compiles to 194 registers
+    without spills at r = 16 ... 64 (16 x 32 x 256 spills).
     """
     if interpreting():
         return [_config(16, 32, 32, num_warps=4, num_stages=1, GROUP_M=4)]
+    if four_bit and M <= 64:
+        return [_config(16, 64, 64, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
     if M <= 16:
         return [_config(16, 32, 256, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
     if M <= 64:

@@ -10,6 +10,7 @@ masked loads, never copies of A or B.
 import triton
 import triton.language as tl
 
+from fastlora.kernels.dequant_4bit import load_4bit_tile
 from fastlora.kernels.dropout import draw_keep, store_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, rank_term, store_tile
 
@@ -70,7 +71,7 @@ def lora_shrink_kernel(
 @triton.jit(do_not_specialize=["M"])
 def lora_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, scale_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, scale_ptr, y_ptr, wq_ptr, absmax_ptr, code_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -86,6 +87,8 @@ def lora_forward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_COLUMN_SCALE: tl.constexpr,
     FUSED_SHRINK: tl.constexpr,
+    W_4BIT: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,
     R_PAD: tl.constexpr,
     R_CHUNK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -103,6 +106,11 @@ def lora_forward_kernel(
     accumulator), or, with FUSED_SHRINK (no dropout, r <= 64: the decode path's single
     launch), accumulated here as x A^T from the same x tiles as the main product and stored
     by the programs of the first column block.
+
+    With W_4BIT (QLoRA's decode forward) W is not read from w_ptr but dequantized tile by
+    tile from a bitsandbytes 4-bit weight (packed bytes wq_ptr, float32 absmax per QUANT_BLOCK
+    values, the 16-entry code; K even; kernels/dequant_4bit.load_4bit_tile): a quarter of the
+    bytes of a bf16 W, which is what a decode-sized GEMM is bound by.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), programs grouped GROUP_M rows at a time so
     neighbouring programs share W tiles in L2.
@@ -125,7 +133,10 @@ def lora_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
-        w_t = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n)
+        if W_4BIT:
+            w_t = load_4bit_tile(wq_ptr, absmax_ptr, code_ptr, k0, offs_n, N, K, QUANT_BLOCK, BLOCK_K).to(x.dtype)
+        else:
+            w_t = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n)
         acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
         if FUSED_SHRINK:
             a_t = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r)

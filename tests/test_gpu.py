@@ -222,3 +222,13 @@ def test_gpu_qlora_parity(case, quant_type, nested, blocksize, backend):
     from test_qlora import check_qlora_case
 
     check_qlora_case(case, quant_type, nested, blocksize, backend, device="cuda")
+
+
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_gpu_in_gemm_dequant_decode_forward(M, monkeypatch):
+    """The 4-bit decode forward (W dequantized in the GEMM's main loop) in bf16 on the GPU."""
+    from fastlora.ops import qlora_linear as qlora_module
+    from test_qlora import check_qlora_case
+
+    monkeypatch.setattr(qlora_module, "IN_GEMM_DEQUANT_MAX_ROWS", 64)
+    check_qlora_case(Case(M=M, K=4096, N=4096, r=16, dtype=torch.bfloat16), "nf4", True, 64, "triton", device="cuda")

@@ -155,6 +155,27 @@ def test_qlora_op_matches_dequantize_plus_reference(backend, case, quant_type, n
     check_qlora_case(case, quant_type, nested, blocksize, backend)
 
 
+DECODE_CASES = [
+    (Case(M=1, K=64, N=48, r=4), 64),
+    (Case(M=16, K=130, N=40, r=16, bias=False), 128),  # K not a multiple of the block: blocks straddle rows
+    (Case(M=64, K=128, N=33, r=64, dtype=torch.float16), 64),
+    (Case(M=9, K=64, N=24, r=8, dtype=torch.float16, adapter_dtype=torch.float32, batch=2), 32),
+]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("case,blocksize", DECODE_CASES, ids=lambda v: str(v))
+def test_in_gemm_dequant_decode_forward_matches(case, blocksize, monkeypatch):
+    """The decode forward that dequantizes W inside the GEMM's main loop (off by default until
+    a GPU report shows it faster), under the 2x rule with its backward."""
+    from fastlora.ops import launcher, qlora_linear as qlora_module
+
+    monkeypatch.setattr(qlora_module, "IN_GEMM_DEQUANT_MAX_ROWS", 64)
+    launcher._chosen.clear()
+    check_qlora_case(case, "nf4", True, blocksize, "triton")
+    assert any(("W_4BIT", True) in key for key in launcher._chosen), "the 4-bit decode kernel did not run"
+
+
 def quantized_llama(**quant):
     return quantize_linears(tiny_llama(), blocksize=32, **quant)  # K >= 32 in every layer: see above
 

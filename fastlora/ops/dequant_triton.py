@@ -19,7 +19,7 @@ def dequantize(weight: Weight4bit, out: torch.Tensor) -> torch.Tensor:
     launch(
         dequant_4bit_kernel, lambda c: (triton.cdiv(n_bytes, c["BLOCK_BYTES"]),),
         (weight.packed, absmax_fp32(weight), weight.code, out, n_bytes, weight.numel),
-        {"BLOCKSIZE": weight.blocksize},
+        {"QUANT_BLOCK": weight.blocksize},
         ("dequant_4bit_kernel", out.device, out.dtype, weight.blocksize),
         dequant_configs,
         lambda: f"{weight.out_features} x {weight.in_features} {weight.quant_type} weight into {out.dtype}",

@@ -19,6 +19,11 @@ from fastlora.ops.lora_linear import _SEED_HIGH, _check_tensor, _flatten_rows, _
 from fastlora.ops.weight4bit import Weight4bit
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Triton forwards without dropout of at most this many rows (K even, r <= 64) dequantize W
+# inside the forward GEMM's main loop (triton_ops.decode_forward_4bit) rather than into the
+# workspace before it. 0, off, until a GPU report shows it faster: the qlora stage of
+# benchmarks/gpu_report.py times both (python -m benchmarks.gpu_report --stages qlora).
+IN_GEMM_DEQUANT_MAX_ROWS = 0
 
 
 class QLoRALinearFunction(torch.autograd.Function):
@@ -29,16 +34,26 @@ class QLoRALinearFunction(torch.autograd.Function):
     W = Wd (S = drop(x) A^T, G = dy B):
       dx = dy Wd + s * (G A) * mask / (1-p),  dA = s * G^T drop(x),  dB = s * dy^T S,
       db = sum over rows of dy;  no gradient for Wq, ever.
-    Wd is formed twice (forward, backward) in the shared workspace, never saved: saved are
+    Wd is formed twice (forward, backward) in the shared workspace (at decode sizes on Triton,
+    when IN_GEMM_DEQUANT_MAX_ROWS allows, inside the forward GEMM instead), never saved: saved are
     x, A, B, S (M x r) and the keep bits (M x K / 8 bytes) with their seed, as for LoRA.
     Once-differentiable: the workspace is overwritten by the next layer, so no graph may keep Wd.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        forward_op, _ = _ops(backend, x)
-        dense = dequantize(weight, x.dtype, backend)
-        y, S, keep_bits = forward_op(x, dense, bias, lora_A, lora_B, scaling, dropout_p, seed, False)
+        if backend == "triton" and dropout_p == 0.0 and x.shape[0] <= IN_GEMM_DEQUANT_MAX_ROWS:
+            from fastlora.ops import triton_ops
+
+            in_gemm = triton_ops.in_gemm_dequant_fits(x.shape[0], x.shape[1], lora_A.shape[0])
+        else:
+            in_gemm = False
+        if in_gemm:
+            y, S, keep_bits = triton_ops.decode_forward_4bit(x, weight, bias, lora_A, lora_B, scaling)
+        else:
+            forward_op, _ = _ops(backend, x)
+            dense = dequantize(weight, x.dtype, backend)
+            y, S, keep_bits = forward_op(x, dense, bias, lora_A, lora_B, scaling, dropout_p, seed, False)
         ctx.save_for_backward(x, lora_A, lora_B, S, keep_bits, seed)
         ctx.weight = weight  # the packed weight's own tensors (parameters, alive anyway): nothing copied
         ctx.scaling = scaling

@@ -254,6 +254,72 @@ def split_m_product(
     return partial[0] if split == 1 else partial.sum(0)
 
 
+def pointer_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, S: torch.Tensor, y: torch.Tensor, scaling: float, fan_in_fan_out: bool,
+    fused_shrink: bool, describe, column_scale: torch.Tensor | None = None, weight_4bit=None,
+) -> None:
+    """y = x W^T + b + s S B^T (* column_scale) on the pointer-load forward kernel, S computed
+    inside it when ``fused_shrink``; with ``weight_4bit`` (a weight4bit.Weight4bit, K even, for
+    QLoRA's decode forward) W is dequantized inside the kernel's main loop instead of read."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    r_pad = padded_rank(R)
+    if weight_4bit is None:
+        stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
+        packed = absmax = code = S  # unread placeholders
+    else:
+        from fastlora.ops.weight4bit import absmax_fp32
+
+        weight, stride_wn, stride_wk = S, 0, 0
+        packed, absmax, code = weight_4bit.packed, absmax_fp32(weight_4bit), weight_4bit.code
+    forward_meta = dict(
+        HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=column_scale is not None, FUSED_SHRINK=fused_shrink,
+        W_4BIT=weight_4bit is not None, QUANT_BLOCK=weight_4bit.blocksize if weight_4bit is not None else 1,
+        R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
+        INPUT_PRECISION=dot_precision(x.dtype),
+        ADAPTER_PRECISION=dot_precision(lora_B.dtype) if fused_shrink else epilogue_precision(y.dtype, lora_B.dtype),
+    )
+    launch(
+        lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
+        (x, weight, bias if bias is not None else y, lora_A, S, lora_B,
+         column_scale if column_scale is not None else S, y, packed, absmax, code,
+         M, N, K, R,
+         x.stride(0), x.stride(1),
+         stride_wn, stride_wk,
+         lora_A.stride(0), lora_A.stride(1),
+         S.stride(0), S.stride(1),
+         lora_B.stride(0), lora_B.stride(1),
+         y.stride(0), y.stride(1),
+         scaling),
+        forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
+        lambda: gemm_configs(M, r_pad, lora_B.element_size(), pointer=True, four_bit=weight_4bit is not None),
+        describe, tunable=True, adapter_bytes=lora_B.element_size(),
+    )
+
+
+def decode_forward_4bit(
+    x: torch.Tensor, weight_4bit, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schema's forward without dropout for a 4-bit weight (weight4bit.Weight4bit, K even)
+    at decode sizes (M <= DECODE_ROWS, r <= 64): one launch that dequantizes W tile by tile in
+    the GEMM's main loop and accumulates S = x A^T beside it."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    y = x.new_empty((M, N))
+    S = x.new_empty((M, R), dtype=torch.float32)
+    if M:
+        pointer_forward(x, None, bias, lora_A, lora_B, S, y, scaling, False, True,
+                        describer(M, N, K, R, x=x, lora_A=lora_A), weight_4bit=weight_4bit)
+    return y, S, keep_bits_for(x, 0.0)
+
+
+def in_gemm_dequant_fits(M: int, K: int, r: int) -> bool:
+    """Whether ``decode_forward_4bit`` takes this call: decode rows, K even, r <= 64."""
+    return 0 < M <= DECODE_ROWS and K % 2 == 0 and padded_rank(r) <= 64
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -304,29 +370,8 @@ def forward(
         if gemm_on_tma("lora_forward_tma", x, weight, not fan_in_fan_out, y, S, lora_B, lora_B.stride(1),
                        lora_B.stride(0), bias, keep_bits, scaling, 0.0, False, describe, column_scale):
             return y, S, keep_bits
-    stride_wn, stride_wk = weight_strides(weight, fan_in_fan_out)
-    forward_meta = dict(
-        HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=column_scale is not None, FUSED_SHRINK=fused_shrink,
-        R_PAD=r_pad, R_CHUNK=rank_chunk(r_pad),
-        INPUT_PRECISION=dot_precision(x.dtype),
-        ADAPTER_PRECISION=dot_precision(lora_B.dtype) if fused_shrink else epilogue_precision(y.dtype, lora_B.dtype),
-    )
-    launch(
-        lora_forward_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
-        (x, weight, bias if bias is not None else y, lora_A, S, lora_B,
-         column_scale if column_scale is not None else S, y,
-         M, N, K, R,
-         x.stride(0), x.stride(1),
-         stride_wn, stride_wk,
-         lora_A.stride(0), lora_A.stride(1),
-         S.stride(0), S.stride(1),
-         lora_B.stride(0), lora_B.stride(1),
-         y.stride(0), y.stride(1),
-         scaling),
-        forward_meta, shape_key("lora_forward_kernel", M, N, K, r_pad, x, lora_B, **forward_meta),
-        lambda: gemm_configs(M, r_pad, lora_B.element_size(), pointer=True), describe, tunable=True,
-        adapter_bytes=lora_B.element_size(),
-    )
+    pointer_forward(x, weight, bias, lora_A, lora_B, S, y, scaling, fan_in_fan_out, fused_shrink, describe,
+                    column_scale)
     return y, S, keep_bits
 
 
