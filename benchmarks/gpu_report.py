@@ -1,6 +1,6 @@
 """One command for whoever has a GPU: everything a short GPU session must answer, in one run.
 
-    python -m benchmarks.gpu_report                 # on a CUDA GPU: about 6 minutes from a cold cache
+    python -m benchmarks.gpu_report                 # on a CUDA GPU: about 7-8 minutes from a cold cache
     python -m benchmarks.gpu_report --budget 300    # skip the stages that no longer fit in 300 s
     python -m benchmarks.gpu_report --smoke         # tiny shapes on whatever device (CI runs it on CPU)
     python -m benchmarks.gpu_report --stages parity speed   # only some stages
@@ -630,7 +630,7 @@ def run_stage(report: Report, stage: Stage) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds on a CPU")
-    parser.add_argument("--budget", type=positive_float, default=360.0, help="seconds for the whole report (default 360)")
+    parser.add_argument("--budget", type=positive_float, default=480.0, help="seconds for the whole report (default 480)")
     parser.add_argument("--stages", nargs="+", choices=[s.name for s in STAGES], default=None, help="default: all")
     parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
