@@ -189,13 +189,19 @@ class Report:
 # measurements shared by the stages
 
 
+def case_inputs(report: Report, s: Shape) -> tuple:
+    """The weights of shape ``s`` and its x (requiring grad) and dy, on the report's device and dtype."""
+    weights = make_weights(s, report.dtype, report.device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(s.M, s.K, generator=g).to(device=report.device, dtype=report.dtype).requires_grad_(True)
+    dy = torch.randn(s.M, s.N, generator=g).to(device=report.device, dtype=report.dtype)
+    return weights, x, dy
+
+
 def timed(report: Report, s: Shape, mode: str, providers: list[str]) -> dict[str, dict]:
     """median ms (and first-call seconds) of each provider on one shape and mode."""
-    device, dtype = report.device, report.dtype
-    weights = make_weights(s, dtype, device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(s.M, s.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
-    dy = torch.randn(s.M, s.N, generator=g).to(device=device, dtype=dtype)
+    device = report.device
+    weights, x, dy = case_inputs(report, s)
     out = {}
     for name in providers:
         module = build(name, weights, s.dropout)
@@ -440,6 +446,23 @@ def stage_saved(report: Report) -> None:
 DORA_PROVIDERS = ["fastlora-triton", "peft-dora", "fastlora-dora-triton", "fastlora-dora-torch"]
 
 
+def checked_memory(report: Report, s: Shape, reference_name: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Check each provider of ``names`` against ``reference_name`` on shape ``s`` (AssertionError
+    if one disagrees); their (saved MiB, peak MiB) of a fwd+bwd, the peak on a GPU only (the
+    CPU's profiler-based measure would trace the interpreter)."""
+    weights, x, dy = case_inputs(report, s)
+    truth = build(reference_name, weights, s.dropout)
+    memory = {}
+    for name in names:
+        module = build(name, weights, s.dropout)
+        error = harness.check_against_reference(module, truth, x, dy)
+        if error is not None:
+            raise AssertionError(f"{name} disagrees with {reference_name} at {s}: {error}")
+        peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), report.device) if report.device == "cuda" else math.nan
+        memory[name] = (harness.saved_bytes(lambda: module(x), [x, *module.parameters()]) / 2**20, peak / 2**20)
+    return memory
+
+
 def stage_dora(report: Report) -> None:
     """DoRA (issue 18's GPU targets): fwd+bwd of fastlora's DoRA (fused and torch paths) against
     PEFT's DoRA layer and fastlora's own fused LoRA, p = 0 and 0.1, after a parity check."""
@@ -449,20 +472,7 @@ def stage_dora(report: Report) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in (0.0, 0.1):
         s = Shape(base.M, base.K, base.N, base.r, p, bias=False)
-        weights = make_weights(s, report.dtype, report.device)
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(s.M, s.K, generator=g).to(device=report.device, dtype=report.dtype).requires_grad_(True)
-        dy = torch.randn(s.M, s.N, generator=g).to(device=report.device, dtype=report.dtype)
-        truth = build("dora-reference", weights, p)
-        memory = {}
-        for name in ("peft-dora", "fastlora-dora-triton"):
-            module = build(name, weights, p)
-            error = harness.check_against_reference(module, truth, x, dy)
-            if error is not None:
-                raise AssertionError(f"{name} disagrees with reference.dora_linear at {s}: {error}")
-            # peak memory only on the GPU: the CPU's profiler-based measure would trace the interpreter
-            peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), report.device) if report.device == "cuda" else math.nan
-            memory[name] = (harness.saved_bytes(lambda: module(x), [x, *module.parameters()]) / 2**20, peak / 2**20)
+        memory = checked_memory(report, s, "dora-reference", ("peft-dora", "fastlora-dora-triton"))
         rows = timed(report, s, "full", DORA_PROVIDERS)
         report.rows("dora", s, "full", rows)
         vs_peft = ratio(rows, "peft-dora", "fastlora-dora-triton")
@@ -493,19 +503,7 @@ def stage_qlora(report: Report) -> None:
     # K a multiple of the block size: bitsandbytes 0.50's CPU dequantizer (the smoke run's
     # reference) is wrong for rows shorter than a block (tests/test_qlora.py)
     s = Shape(base.M, max(base.K, 64), base.N, base.r, 0.1, bias=False)
-    weights = make_weights(s, report.dtype, report.device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(s.M, s.K, generator=g).to(device=report.device, dtype=report.dtype).requires_grad_(True)
-    dy = torch.randn(s.M, s.N, generator=g).to(device=report.device, dtype=report.dtype)
-    truth = build("qlora-reference", weights, s.dropout)
-    memory = {}
-    for name in ("peft-qlora", "fastlora-qlora-triton"):
-        module = build(name, weights, s.dropout)
-        error = harness.check_against_reference(module, truth, x, dy)
-        if error is not None:
-            raise AssertionError(f"{name} disagrees with dequantize_4bit + reference at {s}: {error}")
-        peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), report.device) if report.device == "cuda" else math.nan
-        memory[name] = (harness.saved_bytes(lambda: module(x), [x, *module.parameters()]) / 2**20, peak / 2**20)
+    memory = checked_memory(report, s, "qlora-reference", ("peft-qlora", "fastlora-qlora-triton"))
     rows = timed(report, s, "full", QLORA_PROVIDERS)
     report.rows("qlora", s, "full", rows)
     vs_lora = ratio(rows, "fastlora-qlora-triton", "fastlora-triton")

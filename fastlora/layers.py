@@ -299,7 +299,7 @@ class Linear4bit(Linear):
     bitsandbytes' rule (the base layer's ``compute_dtype``, else that of the first float32 /
     bfloat16 input); x is cast to it, W dequantized into it (fastlora/ops/dequant.py), the
     output cast back to x's dtype. lora_A / lora_B default to float32, as PEFT creates them
-    on a 4-bit base. DoRA and fan_in_fan_out are not available on 4-bit layers.
+    on a 4-bit base. DoRA is not available on 4-bit layers.
     """
 
     def __init__(
@@ -333,24 +333,6 @@ class Linear4bit(Linear):
         self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
         self.reset_parameters()
 
-    @classmethod
-    def from_linear(
-        cls,
-        base: nn.Module,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = False,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        use_dora: bool = False,
-    ) -> "Linear4bit":
-        """``Linear.from_linear``'s signature for a 4-bit ``base``; ValueError for what a
-        4-bit layer cannot do (``use_dora``, ``fan_in_fan_out``)."""
-        refuse_4bit_options(use_dora, fan_in_fan_out)
-        return cls(base, r, lora_alpha, lora_dropout, merge_weights, use_rslora, adapter_dtype)
-
     def reset_parameters(self) -> None:
         """Re-initialise the adapter (A kaiming-uniform, B zeros); the 4-bit weight is kept."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -370,7 +352,7 @@ class Linear4bit(Linear):
         return self.compute_dtype or x.dtype
 
     def add_dora_magnitude(self) -> None:
-        refuse_4bit_options(use_dora=True)
+        refuse_4bit_options(True)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized base weight (out, in), a new tensor in ``dtype`` (default the
@@ -447,13 +429,11 @@ def bitsandbytes_module(name: str):
         raise ImportError("fastlora's 4-bit (QLoRA) layers need bitsandbytes: pip install 'fastlora[qlora]'") from error
 
 
-def refuse_4bit_options(use_dora: bool = False, fan_in_fan_out: bool = False) -> None:
-    """ValueError naming the option a 4-bit layer cannot take."""
+def refuse_4bit_options(use_dora: bool) -> None:
+    """ValueError for ``use_dora=True`` on a 4-bit layer."""
     if use_dora:
         raise ValueError("use_dora=True: DoRA on a bitsandbytes 4-bit base is not supported by fastlora "
                          "(inject DoRA into a dense model, or plain LoRA into the 4-bit one)")
-    if fan_in_fan_out:
-        raise ValueError("fan_in_fan_out=True does not fit a bitsandbytes Linear4bit, whose weight is (out, in)")
 
 
 def check_4bit_base(base: nn.Module, name: str = "base_layer") -> None:

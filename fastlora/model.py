@@ -196,10 +196,7 @@ def inject(
         check_quantized_target(model.get_submodule(name), name, use_dora)
     for name in names:
         base = model.get_submodule(name)
-        layer = lora_linear_class(base).from_linear(
-            base, r, lora_alpha, lora_dropout, fan_in_fan_out=layout[name], merge_weights=False,
-            use_rslora=use_rslora, adapter_dtype=adapter_dtype, use_dora=use_dora,
-        )
+        layer = wrap_linear(base, r, lora_alpha, lora_dropout, layout[name], use_rslora, adapter_dtype, use_dora)
         layer.train(base.training)
         _set_submodule(model, name, layer)
     mark_only_lora_as_trainable(model, bias=bias)
@@ -207,9 +204,14 @@ def inject(
     return model
 
 
-def lora_linear_class(base: nn.Module) -> type[Linear]:
-    """The LoRA layer for a linear ``base``: Linear4bit on a bitsandbytes 4-bit layer, else Linear."""
-    return Linear4bit if is_4bit_linear(base) else Linear
+def wrap_linear(base: nn.Module, r: int, lora_alpha: float, lora_dropout: float, fan_in_fan_out: bool,
+                use_rslora: bool, adapter_dtype: torch.dtype | None, use_dora: bool) -> Linear:
+    """The LoRA layer (``merge_weights=False``) around a linear ``base``: a Linear4bit on a
+    bitsandbytes 4-bit layer (after ``check_quantized_target``), else ``Linear.from_linear``."""
+    if is_4bit_linear(base):
+        return Linear4bit(base, r, lora_alpha, lora_dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype)
+    return Linear.from_linear(base, r, lora_alpha, lora_dropout, fan_in_fan_out=fan_in_fan_out, merge_weights=False,
+                              use_rslora=use_rslora, adapter_dtype=adapter_dtype, use_dora=use_dora)
 
 
 def check_quantized_target(base: nn.Module, name: str, use_dora: bool) -> None:

@@ -29,10 +29,10 @@ from fastlora.model import (
     is_conv1d,
     is_linear,
     lora_layers,
-    lora_linear_class,
     name_matches,
     record_adapter_settings,
     task_type,
+    wrap_linear,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -385,12 +385,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     heads = _unwrap_modules_to_save(base_model)
     for name, layer, adapter, base, dora in plan:
         dropout = layer.lora_dropout[adapter]
-        lora = lora_linear_class(base).from_linear(
-            base, layer.r[adapter], layer.lora_alpha[adapter],
-            lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-            fan_in_fan_out=is_conv1d(base), use_rslora=rslora, adapter_dtype=layer.lora_A[adapter].weight.dtype,
-            use_dora=dora,
-        )
+        lora = wrap_linear(base, layer.r[adapter], layer.lora_alpha[adapter],
+                           dropout.p if isinstance(dropout, nn.Dropout) else 0.0, is_conv1d(base), rslora,
+                           layer.lora_A[adapter].weight.dtype, dora)
         lora.scaling = layer.scaling[adapter]
         with torch.no_grad():
             lora.lora_A.copy_(layer.lora_A[adapter].weight)

@@ -147,8 +147,6 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
-        needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
-        needs_dbias = needs_dbias and ctx.has_bias
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
             from fastlora.ops import torch_ops
 
@@ -156,18 +154,29 @@ class LoRALinearFunction(torch.autograd.Function):
             S = torch_ops.recompute_S(x, lora_A, keep_bits, ctx.dropout_p)
         else:
             _, backward_op = _ops(ctx.backend, dy)
-        dx, dA, dB, dbias = backward_op(
-            dy, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
-            needs_dx, needs_dA, needs_dB, needs_dbias,
-        )
-        return (
-            dx if needs_dx else None,
-            None,
-            dbias if needs_dbias else None,
-            dA if needs_dA else None,
-            dB if needs_dB else None,
-            None, None, None, None, None,
-        )
+        return input_gradients(ctx, backward_op, dy, x, weight, lora_A, lora_B, S, keep_bits, seed,
+                               ctx.fan_in_fan_out, trailing=5)
+
+
+def input_gradients(ctx, backward_op, dy, x, weight, lora_A, lora_B, S, keep_bits, seed, fan_in_fan_out: bool,
+                    trailing: int) -> tuple:
+    """A LoRA-style Function's backward result for its inputs (x, weight, bias, lora_A, lora_B,
+    then ``trailing`` non-tensor arguments): the backend's backward run for the gradients
+    ``ctx.needs_input_grad`` asks for, None for the rest (never one for the weight)."""
+    needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
+    needs_dbias = needs_dbias and ctx.has_bias
+    dx, dA, dB, dbias = backward_op(
+        dy, x, weight, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, fan_in_fan_out,
+        needs_dx, needs_dA, needs_dB, needs_dbias,
+    )
+    return (
+        dx if needs_dx else None,
+        None,
+        dbias if needs_dbias else None,
+        dA if needs_dA else None,
+        dB if needs_dB else None,
+        *([None] * trailing),
+    )
 
 
 def frozen_flat_parameter_view(weight: torch.Tensor) -> bool:

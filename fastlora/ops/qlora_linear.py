@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from fastlora import _backend, reference
 from fastlora.ops.dequant import dequantize
-from fastlora.ops.lora_linear import _SEED_HIGH, _check_tensor, _flatten_rows, _ops, validate
+from fastlora.ops.lora_linear import _SEED_HIGH, _check_tensor, _flatten_rows, _ops, input_gradients, validate
 from fastlora.ops.weight4bit import Weight4bit
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,22 +66,9 @@ class QLoRALinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
-        needs_dx, _, needs_dbias, needs_dA, needs_dB = ctx.needs_input_grad[:5]
-        needs_dbias = needs_dbias and ctx.has_bias
         _, backward_op = _ops(ctx.backend, dy)
         dense = dequantize(ctx.weight, x.dtype, ctx.backend)
-        dx, dA, dB, dbias = backward_op(
-            dy, x, dense, lora_A, lora_B, S, keep_bits, ctx.scaling, ctx.dropout_p, seed, False,
-            needs_dx, needs_dA, needs_dB, needs_dbias,
-        )
-        return (
-            dx if needs_dx else None,
-            None,
-            dbias if needs_dbias else None,
-            dA if needs_dA else None,
-            dB if needs_dB else None,
-            None, None, None, None,
-        )
+        return input_gradients(ctx, backward_op, dy, x, dense, lora_A, lora_B, S, keep_bits, seed, False, trailing=4)
 
 
 class Base4bitFunction(torch.autograd.Function):
