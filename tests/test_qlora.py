@@ -388,3 +388,32 @@ def test_without_bitsandbytes_a_4bit_feature_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     with pytest.raises(ImportError, match=r"fastlora\[qlora\]"):
         bitsandbytes_module("functional")
+
+
+def test_peft_kbit_preparation_and_gradient_checkpointing_train_the_same():
+    """PEFT's prepare_model_for_kbit_training (which QLoRA recipes call) and Hugging Face
+    gradient checkpointing: the same loss and LoRA gradients as a plain step, dropout replayed."""
+    def step(checkpointing: bool):
+        model = quantized_llama()
+        if checkpointing:  # before the adapters, as PEFT's recipe does (it freezes every parameter)
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        init_lora_B(fastlora.inject(model, TARGETS, r=4, lora_alpha=8, lora_dropout=0.2))
+        model.train()
+        torch.manual_seed(11)
+        loss = model(**batch()).loss
+        loss.backward()
+        return loss.detach(), lora_grads(model)
+
+    loss_plain, grads_plain = step(False)
+    loss_checkpointed, grads_checkpointed = step(True)
+    torch.testing.assert_close(loss_checkpointed, loss_plain, rtol=1e-6, atol=1e-6)
+    assert grads_checkpointed.keys() == grads_plain.keys() and grads_plain
+    for key, grad in grads_plain.items():
+        torch.testing.assert_close(grads_checkpointed[key], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_import_fastlora_does_not_import_bitsandbytes():
+    import subprocess
+
+    code = "import sys, fastlora; assert 'bitsandbytes' not in sys.modules, 'imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
