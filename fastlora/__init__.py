@@ -20,7 +20,7 @@ from fastlora.layers import (
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
-from fastlora.model import inject, merge, merge_and_unload, unmerge
+from fastlora.model import delete_adapter, inject, merge, merge_and_unload, set_adapter, unmerge
 from fastlora.ops import dora_linear, lora_linear
 from fastlora.peft import from_peft, load_adapter, save_adapter
 
@@ -37,6 +37,7 @@ __all__ = [
     "LoRALinear",
     "MergedLinear",
     "current_backend",
+    "delete_adapter",
     "dora_linear",
     "from_peft",
     "inject",
@@ -48,6 +49,7 @@ __all__ = [
     "merge_and_unload",
     "reference",
     "save_adapter",
+    "set_adapter",
     "unmerge",
     "use_backend",
 ]

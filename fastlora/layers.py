@@ -79,6 +79,7 @@ class LoRALayer:
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights
+        self.active_adapter = "default"  # the adapter the forward runs (Linear: add_adapter / fastlora.set_adapter)
         if r > 0:
             self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
@@ -116,11 +117,46 @@ def refuse_dora(kind: str, kwargs: dict) -> None:
                          f"layers) only, not on {kind}")
 
 
+DEFAULT_ADAPTER = "default"
+BASE_ONLY = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def check_adapter_name(name: object) -> str:
+    """A new adapter's name: a non-empty str without dots, not "default" or "__base__"."""
+    if not isinstance(name, str) or not name or "." in name or name in (DEFAULT_ADAPTER, BASE_ONLY):
+        raise ValueError(f"adapter_name must be a non-empty string without '.', other than {DEFAULT_ADAPTER!r} "
+                         f"and {BASE_ONLY!r}, got {name!r}")
+    return name
+
+
+class NamedAdapter(nn.Module):
+    """One more adapter of a LoRA layer beside its default one: lora_A (r, in_features),
+    lora_B (out_features, r), its own r, lora_alpha, scaling and dropout rate. Kept in the
+    layer's ``lora_adapters`` (state-dict keys ``<layer>.lora_adapters.<name>.lora_A`` /
+    ``.lora_B``); the default adapter keeps the layer's own ``lora_A`` / ``lora_B``."""
+
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, in_features: int,
+                 out_features: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.r = as_rank(r, minimum=1)
+        self.lora_alpha = as_number("lora_alpha", lora_alpha)
+        self.lora_dropout_p = as_dropout(lora_dropout)
+        self.use_rslora = use_rslora
+        self.scaling = self.lora_alpha / math.sqrt(self.r) if use_rslora else self.lora_alpha / self.r
+        self.lora_A = nn.Parameter(torch.empty((self.r, in_features), device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros((out_features, self.r), device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
 class Linear(nn.Linear, LoRALayer):
     """nn.Linear with a LoRA adapter: y = x W^T + b + scaling * dropout(x) A^T B^T.
 
     x (..., in_features) -> (..., out_features). With ``fan_in_fan_out=True`` the weight is
     stored as (in_features, out_features), as GPT-2's Conv1D does.
+
+    Several adapters: the layer's own lora_A / lora_B are the adapter "default"; ``add_adapter``
+    keeps more in ``lora_adapters`` (``NamedAdapter``, each with its own rank and alpha), and
+    ``active_adapter`` names the one the forward runs (None: the base layer alone).
     """
 
     def __init__(
@@ -250,9 +286,69 @@ class Linear(nn.Linear, LoRALayer):
     def _base_weight(self) -> torch.Tensor:
         return self.weight
 
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds: "default" (its own lora_A / lora_B) and the named ones."""
+        names = [DEFAULT_ADAPTER] if self.r > 0 else []
+        return names + list(getattr(self, "lora_adapters", {}))
+
+    def adapter(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(lora_A, lora_B, scaling, dropout rate) of adapter ``name``; KeyError if absent."""
+        if name == DEFAULT_ADAPTER and self.r > 0:
+            return self.lora_A, self.lora_B, self.scaling, self.lora_dropout_p
+        named = getattr(self, "lora_adapters", {})
+        if name not in named:
+            raise KeyError(f"this layer has no adapter {name!r}; it has {self.adapter_names()}")
+        adapter = named[name]
+        return adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.lora_dropout_p
+
+    def active_lora(self) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+        """The active adapter's (lora_A, lora_B, scaling, dropout rate), or None (base only)."""
+        name = self.active_adapter
+        if name is None or name not in self.adapter_names():
+            return None
+        return self.adapter(name)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                    dtype: torch.dtype | None = None) -> NamedAdapter:
+        """Add adapter ``name`` (A kaiming-uniform, B zeros; in the default adapter's dtype unless
+        ``dtype``), inactive. ValueError for a bad or taken name, a merged layer, a DoRA layer."""
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} exists already on this layer")
+        if self.r == 0:
+            raise ValueError("add_adapter needs a layer with a default adapter (r >= 1)")
+        if self.merged:
+            raise ValueError("add_adapter needs an unmerged layer")
+        if self.use_dora:
+            raise ValueError("several adapters on a DoRA layer (use_dora=True) are not supported")
+        if not hasattr(self, "lora_adapters"):
+            self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters[name] = NamedAdapter(r, lora_alpha, lora_dropout, use_rslora, self.in_features,
+                                                self.out_features, self.lora_A.device, dtype or self.lora_A.dtype)
+        return self.lora_adapters[name]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove named adapter ``name`` (the default one cannot be deleted); if it was active,
+        "default" becomes active."""
+        if name == DEFAULT_ADAPTER:
+            raise ValueError("the default adapter is the layer's own lora_A / lora_B and cannot be deleted; "
+                             "delete the named ones, or fastlora.merge_and_unload the model")
+        if name not in getattr(self, "lora_adapters", {}):
+            raise KeyError(f"this layer has no adapter {name!r}; it has {self.adapter_names()}")
+        if self.merged and self.active_adapter == name:
+            raise ValueError(f"adapter {name!r} is merged into the weight: unmerge first")
+        del self.lora_adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = DEFAULT_ADAPTER
+
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B A in the stored weight's layout: (out, in), or (in, out) with fan_in_fan_out."""
-        return _fan_in_fan_out_view(self.lora_B @ self.lora_A, self.fan_in_fan_out) * self.scaling
+        """scaling * B A of the active adapter in the stored weight's layout: (out, in), or
+        (in, out) with fan_in_fan_out (zeros when no adapter is active)."""
+        active = self.active_lora()
+        if active is None:
+            return torch.zeros_like(self.weight)
+        lora_A, lora_B, scaling, _ = active
+        return _fan_in_fan_out_view(lora_B @ lora_A, self.fan_in_fan_out) * scaling
 
     def train(self, mode: bool = True) -> "Linear":
         nn.Linear.train(self, mode)
@@ -265,11 +361,11 @@ class Linear(nn.Linear, LoRALayer):
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
                 self.lora_dropout_p, self.training, self.fan_in_fan_out,
             )
-        if self.r > 0 and not self.merged:
-            return lora_linear(
-                x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                self.lora_dropout_p, self.training, self.fan_in_fan_out,
-            )
+        active = self.active_lora() if not self.merged else None
+        if active is not None:
+            lora_A, lora_B, scaling, dropout_p = active
+            return lora_linear(x, self.weight, self.bias, lora_A, lora_B, scaling, dropout_p, self.training,
+                               self.fan_in_fan_out)
         return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias)
 
 
@@ -411,9 +507,10 @@ class Linear4bit(Linear):
         compute = self.compute_dtype_for(x)
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
-        if not self.merged:
-            y = qlora_linear(x_compute, self.weight_4bit(), bias, self.lora_A, self.lora_B, self.scaling,
-                             self.lora_dropout_p, self.training)
+        active = self.active_lora() if not self.merged else None
+        if active is not None:
+            lora_A, lora_B, scaling, dropout_p = active
+            y = qlora_linear(x_compute, self.weight_4bit(), bias, lora_A, lora_B, scaling, dropout_p, self.training)
         else:
             y = linear_4bit(x_compute, self.weight_4bit(), bias)
         return y.to(x.dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from fastlora.layers import (
+    DEFAULT_ADAPTER,
     ConvLoRA,
     Embedding,
     Linear,
@@ -247,9 +248,60 @@ def _tied_names(model: nn.Module, weight: torch.Tensor, own: str) -> list[str]:
             if n != own and p.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()]
 
 
+def adapter_layers(model: nn.Module) -> list[tuple[str, Linear]]:
+    """The (name, layer) pairs of ``model``'s LoRA layers that can hold named adapters."""
+    return [(n, m) for n, m in lora_layers(model) if isinstance(m, Linear)]
+
+
+def all_adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name any LoRA layer of ``model`` holds, in first-seen order."""
+    return list(dict.fromkeys(name for _, layer in adapter_layers(model) for name in layer.adapter_names()))
+
+
+def _known_adapter(model: nn.Module, name: object) -> str:
+    names = all_adapter_names(model)
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"unknown adapter {name!r}: the model's adapters are {names}")
+    return name
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make adapter ``name`` the one every LoRA layer runs (a layer without it runs its base
+    alone), as PEFT's ``set_adapter``: its A and B train, every other adapter's are frozen.
+    ValueError for an unknown name or a merged layer (unmerge first); nothing changes then."""
+    _known_adapter(model, name)
+    merged = [n for n, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"layer {merged[0]!r} is merged: fastlora.unmerge(model) before switching adapters")
+    for _, layer in adapter_layers(model):
+        layer.active_adapter = name if name in layer.adapter_names() else None
+        for adapter in layer.adapter_names():
+            lora_A, lora_B, _, _ = layer.adapter(adapter)
+            lora_A.requires_grad_(adapter == name)
+            lora_B.requires_grad_(adapter == name)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove named adapter ``name`` from every layer (PEFT's ``delete_adapter``); layers that
+    ran it run "default" again. The default adapter (the layers' own lora_A / lora_B) cannot
+    be deleted. ValueError for an unknown name, "default" or a layer with it merged."""
+    _known_adapter(model, name)
+    if name == DEFAULT_ADAPTER:
+        raise ValueError("the default adapter is the layers' own lora_A / lora_B and cannot be deleted; "
+                         "delete the named ones, or fastlora.merge_and_unload the model")
+    holders = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_names()]
+    merged = [n for n, layer in holders if layer.merged and layer.active_adapter == name]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into layer {merged[0]!r}: fastlora.unmerge(model) first")
+    for _, layer in holders:
+        layer.delete_adapter(name)
+    return model
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Add scaling * B A into every LoRA layer's weight (in float32, rounded once; a 4-bit
-    weight is dequantized, merged and quantized again, as PEFT does).
+    """Add scaling * B A of each LoRA layer's active adapter into its weight (in float32,
+    rounded once; a 4-bit weight is dequantized, merged and quantized again, as PEFT does).
 
     Warns when a merged weight is tied to another module's (e.g. lm_head to embed_tokens):
     merging changes both, as in PEFT.

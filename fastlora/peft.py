@@ -19,9 +19,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastlora.layers import Linear, LoRALayer
+from fastlora.layers import DEFAULT_ADAPTER, Linear, LoRALayer, check_adapter_name
 from fastlora.model import (
     CONFIG_ATTRIBUTE,
+    all_adapter_names,
     _set_submodule,
     check_quantized_target,
     find_modules_to_save,
@@ -88,15 +89,36 @@ def _savable_layers(model: nn.Module) -> list[tuple[str, Linear]]:
     return layers
 
 
-def adapter_config(model: nn.Module) -> dict:
-    """PEFT's adapter_config.json for the LoRA layers of ``model``, derived from the layers present."""
-    layers = _savable_layers(model)
-    settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout_p, m.use_dora) for _, m in layers}
+def _settings(layer: Linear, adapter_name: str) -> tuple:
+    """(r, lora_alpha, use_rslora, dropout, use_dora) of one adapter of a layer."""
+    if adapter_name == DEFAULT_ADAPTER:
+        return layer.r, layer.lora_alpha, layer.use_rslora, layer.lora_dropout_p, layer.use_dora
+    named = layer.lora_adapters[adapter_name]
+    return named.r, named.lora_alpha, named.use_rslora, named.lora_dropout_p, False
+
+
+def _holding(model: nn.Module, adapter_name: str) -> list[tuple[str, Linear]]:
+    """The savable LoRA layers that hold adapter ``adapter_name``."""
+    layers = [(n, m) for n, m in _savable_layers(model) if adapter_name in m.adapter_names()]
+    if not layers:
+        raise ValueError(f"no LoRA layer holds adapter {adapter_name!r}; the model's adapters are "
+                         f"{all_adapter_names(model)}")
+    return layers
+
+
+def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict:
+    """PEFT's adapter_config.json for adapter ``adapter_name`` of ``model``, derived from the
+    layers holding it. The bias setting and modules_to_save go with the default adapter (a
+    named adapter's file has bias "none" and no modules_to_save)."""
+    layers = _holding(model, adapter_name)
+    settings = {_settings(m, adapter_name) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError("save_adapter needs one (r, lora_alpha, use_rslora, dropout, use_dora) for all layers, "
-                         f"found {sorted(settings)}")
+        raise ValueError(f"save_adapter needs one (r, lora_alpha, use_rslora, dropout, use_dora) for all layers of "
+                         f"adapter {adapter_name!r}, found {sorted(settings)}")
     r, alpha, rslora, dropout, dora = settings.pop()
     saved = _saved_settings(model)
+    if adapter_name != DEFAULT_ADAPTER:
+        saved = {**saved, "bias": "none", "modules_to_save": []}
     return {
         "peft_type": "LORA",
         "task_type": saved["task_type"],
@@ -118,14 +140,15 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def adapter_tensors(model: nn.Module, config: dict) -> dict[str, torch.Tensor]:
-    """The tensors of the adapter file, under PEFT's key names (without the prefix)."""
+def adapter_tensors(model: nn.Module, config: dict, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``'s file, under PEFT's key names (without the prefix)."""
     tensors = {}
-    layers = dict(_savable_layers(model))
+    layers = dict(_holding(model, adapter_name))
     for name, layer in layers.items():
-        tensors[f"{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{name}.lora_B.weight"] = layer.lora_B
-        if layer.use_dora:
+        lora_A, lora_B, _, _ = layer.adapter(adapter_name)
+        tensors[f"{name}.lora_A.weight"] = lora_A
+        tensors[f"{name}.lora_B.weight"] = lora_B
+        if adapter_name == DEFAULT_ADAPTER and layer.use_dora:
             tensors[f"{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector
         if config["bias"] != "none" and layer.bias is not None:
             tensors[name + LORA_BIAS] = layer.bias
@@ -140,9 +163,8 @@ def adapter_tensors(model: nn.Module, config: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _warn_unsaved_trainables(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Warn when a parameter trains but will not be in the adapter file (a new head, say)."""
-    saved_ids = {id(t) for t in saved.values()}
+def _warn_unsaved_trainables(model: nn.Module, saved_ids: set[int]) -> None:
+    """Warn when a parameter trains but will not be in an adapter file (a new head, say)."""
     lost = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids]
     if lost:
         warnings.warn(
@@ -152,15 +174,26 @@ def _warn_unsaved_trainables(model: nn.Module, saved: dict[str, torch.Tensor]) -
         )
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``model``'s adapter to ``directory`` in PEFT's format (each file atomically)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write ``model``'s adapters to ``directory`` in PEFT's format (each file atomically).
+
+    PEFT's multi-adapter layout: the default adapter's files in ``directory``, each named
+    adapter's in ``directory/<name>``. ``adapter_name`` writes that one only (default: all)."""
+    names = all_adapter_names(model) if adapter_name is None else [adapter_name]
+    if adapter_name is not None and adapter_name not in all_adapter_names(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}: the model's adapters are {all_adapter_names(model)}")
+    written = [(name, adapter_config(model, name)) for name in names]  # every adapter checked before a file is written
+    saved = {id(t) for name, config in written for t in adapter_tensors(model, config, name).values()}
+    _warn_unsaved_trainables(model, saved)
+    for name, config in written:
+        folder = pathlib.Path(directory) / ("" if name == DEFAULT_ADAPTER else name)
+        _write_adapter(folder, config, adapter_tensors(model, config, name))
+
+
+def _write_adapter(directory: pathlib.Path, config: dict, params: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    config = adapter_config(model)
-    params = adapter_tensors(model, config)
-    _warn_unsaved_trainables(model, params)
     tensors = {PREFIX + k: v.detach().cpu().contiguous() for k, v in params.items()}
-    directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(config, indent=2)))
@@ -300,17 +333,22 @@ def _reconfigure(layer: Linear, config: dict) -> None:
         layer.remove_dora_magnitude()
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load a PEFT-format LoRA adapter (saved by PEFT or fastlora) into ``model``; return it.
 
-    Modules named in the file that are plain linear layers get LoRA layers injected first;
-    layers that already have one take the file's r, lora_alpha, dropout and rsLoRA (new A and
-    B where the rank differs). Biases and modules_to_save are read under PEFT's key names.
-    Every key and shape is checked before anything changes: on any error the model is left
-    exactly as it was.
+    As the default adapter: modules named in the file that are plain linear layers get LoRA
+    layers injected first; layers that already have one take the file's r, lora_alpha,
+    dropout and rsLoRA (new A and B where the rank differs). Biases and modules_to_save are
+    read under PEFT's key names. With another ``adapter_name`` the file becomes one more named
+    adapter (its own rank and alpha, frozen and inactive until ``set_adapter``) on layers that
+    hold a default adapter; such a file may hold LoRA weights only. Every key and shape is
+    checked before anything changes: on any error the model is left exactly as it was.
     """
     config, tensors = read_adapter(directory)
     adapters, params, heads = _plan_load(model, config, tensors)
+    if adapter_name != DEFAULT_ADAPTER:
+        _load_named(model, config, adapters, params, check_adapter_name(adapter_name))
+        return model
     missing = [p for p in adapters if not isinstance(model.get_submodule(p), Linear)]
     if missing:
         inject(
@@ -334,6 +372,34 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for name, tensor in params.items():
             parameters[name].copy_(tensor)
     return model
+
+
+def _load_named(model: nn.Module, config: dict, adapters: dict, params: dict, adapter_name: str) -> None:
+    """load_adapter's named-adapter case, after _plan_load: check every layer, then add or
+    overwrite adapter ``adapter_name`` on each."""
+    if params:
+        raise ValueError(f"adapter {adapter_name!r}: the file holds biases or modules_to_save ({sorted(params)[0]!r}), "
+                         "which fastlora keeps with the default adapter only")
+    if config.get("use_dora", False):
+        raise ValueError(f"adapter {adapter_name!r}: several adapters on DoRA layers are not supported")
+    for path in adapters:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, Linear) or DEFAULT_ADAPTER not in layer.adapter_names():
+            raise ValueError(f"adapter {adapter_name!r} targets module {path!r}, which has no default adapter: "
+                             "fastlora keeps further adapters on LoRA layers; load the default adapter first")
+        if layer.merged or layer.use_dora:
+            reason = "is merged (fastlora.unmerge first)" if layer.merged else "is a DoRA layer"
+            raise ValueError(f"adapter {adapter_name!r}: module {path!r} {reason}")
+    with torch.no_grad():
+        for path, pair in adapters.items():
+            layer = model.get_submodule(path)
+            if adapter_name in layer.adapter_names():
+                layer.delete_adapter(adapter_name)
+            named = layer.add_adapter(adapter_name, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                                      config.get("use_rslora", False))
+            named.lora_A.copy_(pair["lora_A"])
+            named.lora_B.copy_(pair["lora_B"])
+            named.requires_grad_(False)
 
 
 def _unwrap_modules_to_save(base_model: nn.Module) -> list[str]:
