@@ -21,7 +21,7 @@ from fastlora.layers import (
     mark_only_lora_as_trainable,
 )
 from fastlora.model import delete_adapter, inject, merge, merge_and_unload, set_adapter, unmerge
-from fastlora.ops import dora_linear, lora_linear
+from fastlora.ops import dora_linear, lora_linear, multi_lora_linear
 from fastlora.peft import from_peft, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -47,6 +47,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "merge",
     "merge_and_unload",
+    "multi_lora_linear",
     "reference",
     "save_adapter",
     "set_adapter",

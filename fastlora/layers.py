@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from fastlora.ops.dora_linear import dora_linear
 from fastlora.ops.dequant import dequantize
+from fastlora.mixed_batch import current_adapter_names
 from fastlora.ops.dora_norm import weight_norm_torch
 from fastlora.ops.lora_linear import lora_linear
+from fastlora.ops.multi_lora import mixed_lora_term
 from fastlora.ops.qlora_linear import linear_4bit, qlora_linear
 from fastlora.ops.weight4bit import Weight4bit, from_params4bit
 
@@ -341,6 +343,27 @@ class Linear(nn.Linear, LoRALayer):
         if self.active_adapter == name:
             self.active_adapter = DEFAULT_ADAPTER
 
+    def mixed_term(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The rank-r term of a mixed batch (``model(..., adapter_names=names)``, one name per
+        sample: x's rows split evenly over the samples): each sample's rows through its adapter,
+        none where this layer lacks it or the name is "__base__". (..., out_features) in x's dtype."""
+        if self.merged or self.use_dora:
+            raise ValueError("adapter_names (a mixed batch) needs unmerged, non-DoRA LoRA layers"
+                             + (": fastlora.unmerge(model) first" if self.merged else ""))
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not names or rows % len(names):
+            raise ValueError(f"adapter_names has {len(names)} names for {rows} rows of x {tuple(x.shape)}: give one "
+                             "name per sample of the batch")
+        local = self.adapter_names()
+        adapters = [self.adapter(name) for name in local]
+        rank = max(lora_A.shape[0] for lora_A, _, _, _ in adapters)
+        lora_A = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in adapters])
+        lora_B = torch.stack([F.pad(b, (0, rank - b.shape[1])) for _, b, _, _ in adapters])
+        per_sample = torch.tensor([local.index(n) if n in local else -1 for n in names], device=x.device)
+        term = mixed_lora_term(x, lora_A, lora_B, [s for _, _, s, _ in adapters], per_sample.repeat_interleave(rows // len(names)),
+                               [p for _, _, _, p in adapters], self.training)
+        return term.to(x.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A of the active adapter in the stored weight's layout: (out, in), or
         (in, out) with fan_in_fan_out (zeros when no adapter is active)."""
@@ -356,6 +379,10 @@ class Linear(nn.Linear, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = current_adapter_names()
+        if names is not None and self.r > 0:
+            term = self.mixed_term(x, names)
+            return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias) + term
         if self.r > 0 and not self.merged and self.use_dora:
             return dora_linear(
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
@@ -507,8 +534,11 @@ class Linear4bit(Linear):
         compute = self.compute_dtype_for(x)
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
-        active = self.active_lora() if not self.merged else None
-        if active is not None:
+        names = current_adapter_names()
+        active = self.active_lora() if not self.merged and names is None else None
+        if names is not None:
+            y = linear_4bit(x_compute, self.weight_4bit(), bias) + self.mixed_term(x_compute, names)
+        elif active is not None:
             lora_A, lora_B, scaling, dropout_p = active
             y = qlora_linear(x_compute, self.weight_4bit(), bias, lora_A, lora_B, scaling, dropout_p, self.training)
         else:

@@ -33,6 +33,7 @@ from fastlora.layers import (
     as_rank,
     mark_only_lora_as_trainable,
 )
+from fastlora.mixed_batch import accept_adapter_names
 
 CONFIG_ATTRIBUTE = "fastlora_config"
 ALL_LINEAR = "all-linear"
@@ -231,6 +232,7 @@ def check_quantized_target(base: nn.Module, name: str, use_dora: bool) -> None:
 def record_adapter_settings(model: nn.Module, bias: str, heads: list[str], task: str | None) -> None:
     """Keep on the model what ``save_adapter`` writes beyond its LoRA layers: the bias setting,
     the modules_to_save (added to those of earlier calls), made trainable, and the task type."""
+    accept_adapter_names(model)
     saved = getattr(model, CONFIG_ATTRIBUTE, {})
     heads = sorted(set(saved.get("modules_to_save", [])) | set(heads))
     for head in heads:

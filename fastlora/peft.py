@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from fastlora.layers import DEFAULT_ADAPTER, Linear, LoRALayer, check_adapter_name
+from fastlora.mixed_batch import accept_adapter_names
 from fastlora.model import (
     CONFIG_ATTRIBUTE,
     all_adapter_names,
@@ -467,6 +468,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         lora.train(layer.training)
         _set_submodule(base_model, name, lora)
     task = getattr(config, "task_type", None)
+    accept_adapter_names(base_model)
     setattr(base_model, CONFIG_ATTRIBUTE, {
         "bias": getattr(config, "bias", "none"), "modules_to_save": heads,
         "task_type": str(getattr(task, "value", task)) if task else task_type(base_model),

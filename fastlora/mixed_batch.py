@@ -1,0 +1,55 @@
+"""``model(**batch, adapter_names=[...])``: one adapter per sample, as PEFT's mixed batches.
+
+Models that ``fastlora.inject`` / ``load_adapter`` / ``from_peft`` touched get a forward
+pre-hook that takes ``adapter_names`` (one name per sample, ``"__base__"`` for none) out of
+the call's keyword arguments, checks the names against the model's adapters, and keeps them
+for the duration of the call, in the calling thread, where every fastlora LoRA layer reads
+them (``current_adapter_names``): a layer then runs each sample's rows with that sample's
+adapter (fastlora/ops/multi_lora.py), or its base alone where it lacks the adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch.nn as nn
+
+_local = threading.local()
+HOOKED = "_fastlora_adapter_names_hooks"
+
+
+def current_adapter_names() -> list[str] | None:
+    """The adapter names of the model call in progress in this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _take_adapter_names(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    from fastlora.layers import BASE_ONLY
+    from fastlora.model import all_adapter_names
+
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        known = all_adapter_names(model)
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {names!r:.100}")
+        unknown = sorted({n for n in names if n != BASE_ONLY and n not in known})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; the model's adapters are {known} "
+                             f"({BASE_ONLY!r}: no adapter)")
+        names = list(names)
+    _local.stack = getattr(_local, "stack", []) + [names]
+    return args, kwargs
+
+
+def _drop_adapter_names(model: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    _local.stack = _local.stack[:-1]
+
+
+def accept_adapter_names(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` run a mixed batch (once per model)."""
+    if getattr(model, HOOKED, False):
+        return
+    model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_drop_adapter_names, with_kwargs=True, always_call=True)
+    setattr(model, HOOKED, True)
