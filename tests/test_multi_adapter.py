@@ -147,3 +147,147 @@ def test_loading_a_named_adapter_again_replaces_it_with_the_file_s_rank(tmp_path
     fastlora.set_adapter(ours, "b")
     ids = batch()["input_ids"]
     torch.testing.assert_close(ours(ids).logits, smaller(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def per_row_reference(x, weight, bias, lora_A, lora_B, scaling, index):
+    """Each row through its own adapter with fastlora.reference (the base alone for -1), float64."""
+    rows = []
+    for m, i in enumerate(index.tolist()):
+        if i < 0:
+            rows.append(torch.nn.functional.linear(x[m:m + 1], weight, bias))
+        else:
+            rows.append(fastlora.reference.lora_linear(x[m:m + 1], weight, bias, lora_A[i], lora_B[i], float(scaling[i])))
+    return torch.cat(rows) if rows else torch.nn.functional.linear(x, weight, bias)
+
+
+@pytest.mark.parametrize("M,adapters,ranks,dtype", [
+    (37, 3, (4, 2, 6), torch.float32), (1, 4, (4, 4, 4, 4), torch.float32), (16, 16, tuple(range(1, 17)), torch.float32),
+    (200, 5, (8, 8, 3, 1, 8), torch.float16), (0, 2, (2, 2), torch.float32), (64, 64, (4,) * 64, torch.float32),
+])
+def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks, dtype):
+    """multi_lora_linear against the reference row by row (adapters of different ranks, zero-padded;
+    rows with -1 the base alone): output and every gradient under the 2x-error rule."""
+    from lora_cases import assert_2x_rule
+
+    g = torch.Generator().manual_seed(M + adapters)
+    K, N, r = 24, 20, max(ranks)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
+    bias = torch.randn(N, generator=g, dtype=torch.float64)
+    lora_A = torch.zeros(adapters, r, K, dtype=torch.float64)
+    lora_B = torch.zeros(adapters, N, r, dtype=torch.float64)
+    for i, rank in enumerate(ranks):
+        lora_A[i, :rank] = torch.randn(rank, K, generator=g, dtype=torch.float64) / K**0.5
+        lora_B[i, :, :rank] = torch.randn(N, rank, generator=g, dtype=torch.float64)
+    scaling = torch.rand(adapters, generator=g, dtype=torch.float64) + 0.5
+    index = torch.randint(-1, adapters, (M,), generator=g)
+    index[:1] = 0  # at least one row with an adapter
+    dy = torch.randn(M, N, generator=g, dtype=torch.float64)
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).clone().requires_grad_() for t in (x, bias, lora_A, lora_B)]
+        y = fn(leaves[0], weight.to(dt), leaves[1], leaves[2], leaves[3], scaling, index)
+        y.backward(dy.to(dt))
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # M = 0: no gradient at all
+        return {"y": y.detach(), "dx": grads[0], "dbias": grads[1], "dA": grads[2], "dB": grads[3]}
+
+    ours = run(fastlora.multi_lora_linear, dtype)
+    truth = run(per_row_reference, torch.float64)
+    plain = run(per_row_reference, dtype)
+    if M:
+        assert truth["dA"].abs().max() > 0
+    assert_2x_rule(ours, truth, plain, dtype, label=f"mixed M{M} n{adapters}")
+
+
+def mixed_models(tmp_path):
+    theirs = peft_with_two_adapters()
+    theirs.save_pretrained(tmp_path)
+    return theirs.eval(), ours_from(tmp_path).eval()  # PEFT refuses adapter_names in training mode
+
+
+def test_hugging_face_adapter_names_match_peft_and_each_sample_alone(tmp_path):
+    theirs, ours = mixed_models(tmp_path)
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(3))
+    names = ["b", "__base__", "default", "b"]
+    mixed = ours(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(mixed, theirs(input_ids=ids, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            expected = tiny_llama()(input_ids=ids[i:i + 1]).logits
+        else:
+            fastlora.set_adapter(ours, name)
+            expected = ours(input_ids=ids[i:i + 1]).logits
+        torch.testing.assert_close(mixed[i:i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_trains_each_adapter_from_its_own_rows_only(tmp_path):
+    """Dropout on: the gradients of adapter "b" come from b's samples only (changing the other
+    samples changes nothing of them), and each adapter's gradients equal a batch of its own samples."""
+    _, ours = mixed_models(tmp_path)
+    for layer in ours.modules():
+        if isinstance(layer, fastlora.Linear):
+            layer.lora_adapters["b"].lora_dropout_p = 0.3
+            layer.lora_adapters["b"].requires_grad_(True)
+    ours.train()
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(4))
+    names = ["b", "default", "__base__"]
+
+    def grads(batch_ids, batch_names, seed=0):
+        ours.zero_grad()
+        torch.manual_seed(seed)
+        ours(input_ids=batch_ids, labels=batch_ids, adapter_names=batch_names).loss.backward()
+        return {k: v.clone() for k, v in lora_grads(ours).items()}
+
+    first = grads(ids, names)
+    other = ids.clone()
+    other[1:] = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    second = grads(other, names)
+    b_keys = [k for k in first if ".lora_adapters.b." in k]
+    default_keys = [k for k in first if ".lora_adapters." not in k]
+    assert b_keys and default_keys
+    # the mask is drawn for the whole batch from one seed: b's rows see the same mask both times
+    for key in b_keys:
+        assert first[key].abs().max() > 0
+        torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(second[k], first[k]) for k in default_keys)
+
+
+def test_mixed_batch_on_4bit_layers_matches_each_sample(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tiny_models import quantize_linears
+
+    theirs = peft_with_two_adapters()
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.load_adapter(quantize_linears(tiny_llama(), blocksize=32), tmp_path)
+    fastlora.load_adapter(ours, tmp_path / "b", adapter_name="b")
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, fastlora.Linear4bit)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    mixed = ours(input_ids=ids, adapter_names=["b", "default"]).logits
+    for i, name in enumerate(["b", "default"]):
+        fastlora.set_adapter(ours, name)
+        torch.testing.assert_close(mixed[i:i + 1], ours(input_ids=ids[i:i + 1]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_mixed_batches_are_refused(tmp_path):
+    _, ours = mixed_models(tmp_path)
+    ids = torch.randint(0, 97, (2, 12))
+    with pytest.raises(ValueError, match="unknown adapters \\['c'\\]"):
+        ours(input_ids=ids, adapter_names=["b", "c"])
+    with pytest.raises(ValueError, match="one name per sample"):
+        ours(input_ids=ids, adapter_names=["b", "b", "b"][:1] * 3 + ["b"] * 2)
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        ours(input_ids=ids, adapter_names="b")
+    ours(input_ids=ids)  # a refused call leaves nothing behind: the next plain call runs the active adapter
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_A, lora_B, scaling = torch.randn(2, 3, 8), torch.randn(2, 6, 3), [1.0, 2.0]
+    for index, error, words in [
+        (torch.tensor([0, 1, 2, 0, 0]), ValueError, r"\[-1, 2\)"),
+        (torch.tensor([0, 1, -2, 0, 0]), ValueError, r"\[-1, 2\)"),
+        (torch.tensor([0, 1, 0]), ValueError, "one entry per row"),
+        (torch.tensor([0.0, 1, 0, 0, 0]), TypeError, "int32 / int64"),
+        (torch.zeros(5, dtype=torch.long, device="meta"), ValueError, "adapter_index is on meta"),
+    ]:
+        with pytest.raises(error, match=words):
+            fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, scaling, index)
+    with pytest.raises(ValueError, match="must agree"):
+        fastlora.multi_lora_linear(x, weight, None, lora_A, torch.randn(2, 6, 4), scaling, torch.zeros(5, dtype=torch.long))
