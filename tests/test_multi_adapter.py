@@ -291,3 +291,20 @@ def test_bad_mixed_batches_are_refused(tmp_path):
             fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, scaling, index)
     with pytest.raises(ValueError, match="must agree"):
         fastlora.multi_lora_linear(x, weight, None, lora_A, torch.randn(2, 6, 4), scaling, torch.zeros(5, dtype=torch.long))
+
+
+def test_mixed_batch_op_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the torch path (no data-dependent shapes, no sync)."""
+    compiled = torch.compile(fastlora.multi_lora_linear, fullgraph=True)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(12, 16, generator=g)
+    lora_A = torch.randn(3, 4, 16, generator=g, requires_grad=True)
+    lora_B = torch.randn(3, 12, 4, generator=g, requires_grad=True)
+    index = torch.randint(-1, 3, (40,), generator=g)
+    y = compiled(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+    expected = fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+    torch.testing.assert_close(y, expected)
+    (grad_A,) = torch.autograd.grad(y.sum(), lora_A)
+    (expected_A,) = torch.autograd.grad(expected.sum(), lora_A)
+    torch.testing.assert_close(grad_A, expected_A)

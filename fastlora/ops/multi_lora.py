@@ -73,8 +73,9 @@ def multi_lora_term(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
 
 def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
                    adapter_index: object) -> None:
-    """ValueError / TypeError naming the argument; the index's range is checked on a CPU only
-    (on a GPU that would wait for the device)."""
+    """ValueError / TypeError naming the argument; the index's range is checked in eager mode
+    on a CPU only (on a GPU that would wait for the device, and a traced graph cannot branch
+    on it)."""
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         _check_tensor(name, t)
     if lora_A.dim() != 3 or lora_B.dim() != 3:
@@ -94,7 +95,8 @@ def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("adapter_index", adapter_index)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-    if adapter_index.device.type == "cpu" and rows and (adapter_index.min() < -1 or adapter_index.max() >= n):
+    eager_cpu = adapter_index.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and rows and (adapter_index.min() < -1 or adapter_index.max() >= n):
         raise ValueError(f"adapter_index values must lie in [-1, {n}) (-1: no adapter), got "
                          f"{adapter_index.min().item()} .. {adapter_index.max().item()}")
 
