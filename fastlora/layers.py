@@ -355,14 +355,29 @@ class Linear(nn.Linear, LoRALayer):
             raise ValueError(f"adapter_names has {len(names)} names for {rows} rows of x {tuple(x.shape)}: give one "
                              "name per sample of the batch")
         local = self.adapter_names()
-        adapters = [self.adapter(name) for name in local]
-        rank = max(lora_A.shape[0] for lora_A, _, _, _ in adapters)
-        lora_A = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in adapters])
-        lora_B = torch.stack([F.pad(b, (0, rank - b.shape[1])) for _, b, _, _ in adapters])
+        lora_A, lora_B, scalings, rates = self.stacked_adapters()
         per_sample = torch.tensor([local.index(n) if n in local else -1 for n in names], device=x.device)
-        term = mixed_lora_term(x, lora_A, lora_B, [s for _, _, s, _ in adapters], per_sample.repeat_interleave(rows // len(names)),
-                               [p for _, _, _, p in adapters], self.training)
+        term = mixed_lora_term(x, lora_A, lora_B, scalings, per_sample.repeat_interleave(rows // len(names)),
+                               rates, self.training)
         return term.to(x.dtype)
+
+    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+        """Every adapter of the layer stacked, in ``adapter_names`` order: lora_A (n, r, in),
+        lora_B (n, out, r) with smaller ranks zero-padded to the largest, scalings, dropout
+        rates. Rebuilt while autograd must reach the adapters; otherwise kept until an adapter
+        is added, removed or written to (tensor versions), so serving does not restack."""
+        adapters = [self.adapter(name) for name in self.adapter_names()]
+        key = tuple((id(a), a._version, id(b), b._version, s, p) for a, b, s, p in adapters)
+        cached = self.__dict__.get("_stacked_adapters")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rank = max(a.shape[0] for a, _, _, _ in adapters)
+        stacked = (torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in adapters]),
+                   torch.stack([F.pad(b, (0, rank - b.shape[1])) for _, b, _, _ in adapters]),
+                   [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters])
+        trains = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
+        self.__dict__["_stacked_adapters"] = None if trains else (key, stacked)
+        return stacked
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A of the active adapter in the stored weight's layout: (out, in), or
@@ -382,7 +397,7 @@ class Linear(nn.Linear, LoRALayer):
         names = current_adapter_names()
         if names is not None and self.r > 0:
             term = self.mixed_term(x, names)
-            return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias) + term
+            return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias).add_(term)
         if self.r > 0 and not self.merged and self.use_dora:
             return dora_linear(
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,

@@ -9,7 +9,8 @@ host-device sync). Rows of adapter i train adapter i only.
 
 The torch path is a segmented batched matmul without a loop over adapters: rows are sorted
 by adapter (on the device) and laid out in tiles of T rows, each segment padded to whole
-tiles, so every tile belongs to one adapter (rows without an adapter get a zero adapter);
+tiles, so every tile belongs to one adapter (rows without an adapter get a zero adapter;
+padding slots repeat a row and are never read back);
 one ``bmm`` against each tile's gathered A gives S, one against its gathered B the rank-r
 term, which is read back in the rows' order. The layout's size is known from M, n and T
 alone (at most M + (n + 1)(T - 1) rows), so nothing waits on the device. Its cost is a
@@ -65,7 +66,10 @@ def multi_lora_term(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     zero_B = lora_B.new_zeros((1, N, r))
     A = torch.cat((lora_A * scaling.to(lora_A.dtype)[:, None, None], zero_A))[tile_adapter]  # (tiles, r, K)
     B = torch.cat((lora_B, zero_B))[tile_adapter]  # (tiles, N, r)
-    tiled = x.new_zeros((tiles * tile, K)).index_copy(0, position, x).view(tiles, tile, K)
+    # the rows in tile order; padding slots repeat row 0, whose results are never read back
+    source = torch.zeros(tiles * tile, dtype=torch.long, device=x.device).index_copy_(
+        0, position, torch.arange(M, device=x.device))
+    tiled = x.index_select(0, source).view(tiles, tile, K)
     S = torch.bmm(tiled, A.transpose(1, 2))  # (tiles, tile, r)
     term = torch.bmm(S, B.transpose(1, 2)).view(tiles * tile, N)
     return term.index_select(0, position)
@@ -125,7 +129,7 @@ def multi_lora_linear(
     _check_tensor("x", x)
     w = weight.t() if fan_in_fan_out else weight
     term = mixed_lora_term(x, lora_A, lora_B, scaling, adapter_index, dropout_p, training)
-    return F.linear(x, w, bias) + term.to(x.dtype)
+    return F.linear(x, w, bias).add_(term.to(x.dtype))
 
 
 def mixed_lora_term(
