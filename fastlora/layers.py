@@ -25,7 +25,7 @@ from fastlora.ops.dequant import dequantize
 from fastlora.mixed_batch import current_adapter_names
 from fastlora.ops.dora_norm import weight_norm_torch
 from fastlora.ops.lora_linear import lora_linear
-from fastlora.ops.multi_lora import mixed_lora_term
+from fastlora.ops.multi_lora import add_mixed_lora
 from fastlora.ops.qlora_linear import linear_4bit, qlora_linear
 from fastlora.ops.weight4bit import Weight4bit, from_params4bit
 
@@ -343,10 +343,11 @@ class Linear(nn.Linear, LoRALayer):
         if self.active_adapter == name:
             self.active_adapter = DEFAULT_ADAPTER
 
-    def mixed_term(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """The rank-r term of a mixed batch (``model(..., adapter_names=names)``, one name per
-        sample: x's rows split evenly over the samples): each sample's rows through its adapter,
-        none where this layer lacks it or the name is "__base__". (..., out_features) in x's dtype."""
+    def add_mixed(self, base: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``base`` (the layer's base output for x) plus the rank-r term of a mixed batch
+        (``model(..., adapter_names=names)``, one name per sample: x's rows split evenly over the
+        samples): each sample's rows through its adapter, none where this layer lacks it or the
+        name is "__base__"."""
         if self.merged or self.use_dora:
             raise ValueError("adapter_names (a mixed batch) needs unmerged, non-DoRA LoRA layers"
                              + (": fastlora.unmerge(model) first" if self.merged else ""))
@@ -357,9 +358,8 @@ class Linear(nn.Linear, LoRALayer):
         local = self.adapter_names()
         lora_A, lora_B, scalings, rates = self.stacked_adapters()
         per_sample = torch.tensor([local.index(n) if n in local else -1 for n in names], device=x.device)
-        term = mixed_lora_term(x, lora_A, lora_B, scalings, per_sample.repeat_interleave(rows // len(names)),
-                               rates, self.training)
-        return term.to(x.dtype)
+        return add_mixed_lora(base, x, lora_A, lora_B, scalings, per_sample.repeat_interleave(rows // len(names)),
+                              rates, self.training)
 
     def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
         """Every adapter of the layer stacked, in ``adapter_names`` order: lora_A (n, r, in),
@@ -396,8 +396,7 @@ class Linear(nn.Linear, LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = current_adapter_names()
         if names is not None and self.r > 0:
-            term = self.mixed_term(x, names)
-            return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias).add_(term)
+            return self.add_mixed(F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias), x, names)
         if self.r > 0 and not self.merged and self.use_dora:
             return dora_linear(
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
@@ -552,7 +551,7 @@ class Linear4bit(Linear):
         names = current_adapter_names()
         active = self.active_lora() if not self.merged and names is None else None
         if names is not None:
-            y = linear_4bit(x_compute, self.weight_4bit(), bias) + self.mixed_term(x_compute, names)
+            y = self.add_mixed(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, names)
         elif active is not None:
             lora_A, lora_B, scaling, dropout_p = active
             y = qlora_linear(x_compute, self.weight_4bit(), bias, lora_A, lora_B, scaling, dropout_p, self.training)

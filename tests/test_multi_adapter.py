@@ -160,13 +160,15 @@ def per_row_reference(x, weight, bias, lora_A, lora_B, scaling, index):
     return torch.cat(rows) if rows else torch.nn.functional.linear(x, weight, bias)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("M,adapters,ranks,dtype", [
     (37, 3, (4, 2, 6), torch.float32), (1, 4, (4, 4, 4, 4), torch.float32), (16, 16, tuple(range(1, 17)), torch.float32),
     (200, 5, (8, 8, 3, 1, 8), torch.float16), (0, 2, (2, 2), torch.float32), (64, 64, (4,) * 64, torch.float32),
 ])
-def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks, dtype):
+def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks, dtype, backend):
     """multi_lora_linear against the reference row by row (adapters of different ranks, zero-padded;
-    rows with -1 the base alone): output and every gradient under the 2x-error rule."""
+    rows with -1 the base alone): output and every gradient under the 2x-error rule, on the
+    torch path (segmented bmm) and the cpp kernels."""
     from lora_cases import assert_2x_rule
 
     g = torch.Generator().manual_seed(M + adapters)
@@ -191,7 +193,8 @@ def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # M = 0: no gradient at all
         return {"y": y.detach(), "dx": grads[0], "dbias": grads[1], "dA": grads[2], "dB": grads[3]}
 
-    ours = run(fastlora.multi_lora_linear, dtype)
+    with fastlora.use_backend(backend):
+        ours = run(fastlora.multi_lora_linear, dtype)
     truth = run(per_row_reference, torch.float64)
     plain = run(per_row_reference, dtype)
     if M:

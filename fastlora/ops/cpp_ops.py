@@ -9,8 +9,9 @@ a build killed halfway leaves no lock that later processes would wait on, and tw
 building at once never share a folder. An unwritable cache gives the warning below. The
 library registers the CPU kernels of ``fastlora::lora_fwd_cpp`` / ``lora_bwd_cpp``, whose
 schema and fake kernels are defined here from ``schema.py``, so ``torch.compile`` sees the
-same op as for the other backends, and of ``fastlora::dequant_4bit_cpp`` (QLoRA's 4-bit
-dequantizer, writing into its ``out``).
+same op as for the other backends, of ``fastlora::dequant_4bit_cpp`` (QLoRA's 4-bit
+dequantizer, writing into its ``out``) and of ``fastlora::mixed_lora_fwd_cpp`` /
+``mixed_lora_bwd_cpp`` (mixed batches: one adapter per row).
 
 ``FASTLORA_DISABLE_EXT=1`` turns the extension off. Without a C++ compiler or ninja, or when
 the build fails, a one-line warning is issued and the backend reports itself unavailable:
@@ -40,7 +41,29 @@ torch.library.define(
     "(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor(a!) out) -> ()",
 )
 
-SOURCES = ("lora_cpu.cpp", "philox.cpp", "dequant_4bit.cpp")
+# mixed batches (csrc/mixed_lora_cpu.cpp): the rank-r term of one adapter per row, added into y
+torch.library.define(
+    "fastlora::mixed_lora_fwd_cpp",
+    "(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor(a!) y) -> Tensor",
+)
+torch.library.define(
+    "fastlora::mixed_lora_bwd_cpp",
+    "(Tensor dy, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor S, Tensor(a!) dx, "
+    "bool needs_dx) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("fastlora::mixed_lora_fwd_cpp")
+def _mixed_forward_fake(x, lora_A, lora_B, scaling, index, y):
+    return x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastlora::mixed_lora_bwd_cpp")
+def _mixed_backward_fake(dy, x, lora_A, lora_B, scaling, index, S, dx, needs_dx):
+    return torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+SOURCES = ("lora_cpu.cpp", "philox.cpp", "dequant_4bit.cpp", "mixed_lora_cpu.cpp")
 HEADERS = ("philox.h",)
 LIBRARY = "fastlora_cpu.so"
 _NOT_TRIED = "not tried yet"

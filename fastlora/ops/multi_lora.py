@@ -16,13 +16,19 @@ term, which is read back in the rows' order. The layout's size is known from M, 
 alone (at most M + (n + 1)(T - 1) rows), so nothing waits on the device. Its cost is a
 single adapter's rank-r work on M + n T rows (T = min(64, M / (n + 1)), at least 1), plus the
 copies of x into and of the term out of the tiles; autograd differentiates it.
+
+The cpp backend (CPU, eager calls without dropout) runs ``MixedLoRAFunction`` instead: the
+rows sorted by adapter once, two GEMMs per adapter on its gathered rows in C++, the term
+added into the base output in place (csrc/mixed_lora_cpu.cpp).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from fastlora import _backend
 from fastlora.ops.lora_linear import _check_tensor, _describe
 
 MAX_TILE_ROWS = 64
@@ -128,11 +134,40 @@ def multi_lora_linear(
     """
     _check_tensor("x", x)
     w = weight.t() if fan_in_fan_out else weight
-    term = mixed_lora_term(x, lora_A, lora_B, scaling, adapter_index, dropout_p, training)
-    return F.linear(x, w, bias).add_(term.to(x.dtype))
+    return add_mixed_lora(F.linear(x, w, bias), x, lora_A, lora_B, scaling, adapter_index, dropout_p, training)
 
 
-def mixed_lora_term(
+class MixedLoRAFunction(torch.autograd.Function):
+    """y = base + s_i x A_i^T B_i^T per row (i = index[m]; nothing for -1), without dropout,
+    on the cpp backend's kernels (csrc/mixed_lora_cpu.cpp), added into ``base`` in place.
+
+    Shapes: base, dy (M, N); x (M, K); A (n, r, K); B (n, N, r); s (n,). With S_i = s_i x_i A_i^T
+    for the rows x_i of adapter i and G_i = dy_i B_i:
+      d base = dy;  dx_i = s_i G_i A_i;  dA_i = s_i G_i^T x_i;  dB_i = dy_i^T S_i,
+    each adapter's gradients from its own rows only. Saved: x, A, B, s, the index and S (M x r).
+    """
+
+    @staticmethod
+    def forward(ctx, base, x, lora_A, lora_B, scaling, index):
+        S = torch.ops.fastlora.mixed_lora_fwd_cpp(x, lora_A, lora_B, scaling, index, base)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S)
+        return base
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, lora_A, lora_B, scaling, index, S = ctx.saved_tensors
+        needs_dx = ctx.needs_input_grad[1]
+        dx = torch.zeros_like(x) if needs_dx else x.new_empty((0,))
+        dA, dB = torch.ops.fastlora.mixed_lora_bwd_cpp(dy.contiguous(), x, lora_A, lora_B, scaling, index, S, dx,
+                                                        needs_dx)
+        return (dy, dx if needs_dx else None, dA if ctx.needs_input_grad[2] else None,
+                dB if ctx.needs_input_grad[3] else None, None, None)
+
+
+def add_mixed_lora(
+    base: torch.Tensor,
     x: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -141,19 +176,31 @@ def mixed_lora_term(
     dropout_p: list[float] | float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """The rank-r part of ``multi_lora_linear``: scaling[i] * drop_i(x[m]) A[i]^T B[i]^T,
-    (..., N) in the adapters' dtype, shapes as there (what a layer adds to its base output)."""
+    """``base`` (..., N) plus the rank-r part of ``multi_lora_linear``, scaling[i] *
+    drop_i(x[m]) A[i]^T B[i]^T, shapes as there (a layer's base output plus its mixed
+    adapters). The cpp backend (eager, no dropout) adds it with its kernels; every other case
+    runs the torch path's segmented batched matmul."""
     _check_tensor("x", x)
     scaling = torch.as_tensor(scaling, dtype=torch.float32, device=x.device)
     validate_mixed(x, lora_A, lora_B, scaling, adapter_index)
     rows = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+    out = base.reshape(-1, base.shape[-1])
     index = adapter_index.long()
     rates = [float(dropout_p)] * lora_A.shape[0] if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
     if len(rates) != lora_A.shape[0] or not all(0.0 <= p < 1.0 for p in rates):
         raise ValueError(f"dropout_p must be one rate in [0, 1) or one per adapter ({lora_A.shape[0]}), got {dropout_p!r}")
-    if training and any(rates):
+    dropout = training and any(rates)
+    eager = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    if not dropout and eager and _backend.resolve(x.device, rows.shape[0], lora_A.shape[1]) == "cpp":
+        from fastlora.ops import cpp_ops
+
+        cpp_ops.load()
+        out = MixedLoRAFunction.apply(out.contiguous(), rows.contiguous(), lora_A.contiguous(), lora_B.contiguous(),
+                                      scaling, index)
+        return out.reshape(base.shape)
+    if dropout:
         row_rate = torch.tensor(rates + [0.0], device=x.device)[torch.where(index < 0, len(rates), index)]
         keep = torch.rand(rows.shape, device=x.device) >= row_rate[:, None]
         rows = rows * keep / (1.0 - row_rate[:, None]).to(rows.dtype)
     term = multi_lora_term(rows, lora_A, lora_B, scaling, index)
-    return term.reshape(*x.shape[:-1], term.shape[-1])
+    return (out + term.to(out.dtype)).reshape(base.shape)
