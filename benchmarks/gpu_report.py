@@ -14,7 +14,8 @@ LoRA, the fused path, the torch path, auto's choice); a per-kernel profile of on
 the two shapes of NOTES.md (GPU time, registers, spills, shared memory); decode and host
 cost; LoRAFusion's sweep; saved bytes on the fused path; tests/test_gpu.py under a timeout; DoRA
 against PEFT's DoRA and the fused LoRA; QLoRA against PEFT + bitsandbytes and the fused bf16
-LoRA, and its decode forwards against the bf16 base;
+LoRA, and its decode forwards against the bf16 base; mixed batches of 16 adapters against
+one adapter, a loop and PEFT's adapter_names;
 end to end if time is left. The report closes with the ``AUTO_ON_CUDA`` table its
 measurements support.
 
@@ -545,6 +546,27 @@ def stage_qlora(report: Report) -> None:
     report.sections.append(("QLoRA (ms)", lines))
 
 
+def stage_mixed(report: Report) -> None:
+    """Mixed batches (issue 20's targets): 16 adapters, one per row round-robin, forward at
+    decode and at M = 4096 (K = N = 4096; smoke: 64), fastlora's adapter_names against one
+    adapter, a loop of single-adapter calls and PEFT's adapter_names."""
+    from benchmarks import mixed_batch
+
+    width = report.plan.speed[0].shape.K if report.smoke else 4096
+    rows = []
+    for M in (16, 64 if report.smoke else 4096):
+        case = mixed_batch.run_case(M, 16, width, width, 16, report.device, report.dtype, 0.05)
+        rows += case
+        times = {row["provider"]: row["median_ms"] for row in case if row["status"] == "ok"}
+        if {"fastlora", "one-adapter", "peft"} <= set(times):
+            report.target(f"mixed batch, 16 adapters, M={M}: time vs one adapter", "<= 1.3x",
+                          times["fastlora"] / times["one-adapter"], 1.3, at_most=True)
+            report.target(f"mixed batch, 16 adapters, M={M}: speed-up vs PEFT adapter_names",
+                          ">= 5x" if M == 16 else ">= 2x", times["peft"] / times["fastlora"], 5.0 if M == 16 else 2.0,
+                          at_most=False)
+    report.sections.append(("Mixed batches (ms, forward)", ["```", mixed_batch.format_table(rows), "```"]))
+
+
 def stage_gpu_tests(report: Report) -> None:
     """pytest -m gpu tests/test_gpu.py, stopped when the budget runs out (5 s kept for the rest)."""
     timeout_s = max(10.0, report.budget_s - report.elapsed() - 5)
@@ -607,6 +629,7 @@ STAGES = [
     Stage("gpu-tests", stage_gpu_tests, 90, 15),
     Stage("dora", stage_dora, 40, 8),
     Stage("qlora", stage_qlora, 35, 8),
+    Stage("mixed", stage_mixed, 20, 5),
     Stage("end-to-end", stage_end_to_end, 30, 10),
 ]
 

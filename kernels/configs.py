@@ -145,3 +145,13 @@ def dequant_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_BYTES": 4096}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_BYTES": 1024}, num_warps=4, num_stages=1),
     ]
+
+
+def mixed_configs(block: str) -> list[triton.Config]:
+    """Mixed batches (kernels/mixed_lora.py), per tile of 16 rows of one adapter: the shrink
+    steps over K in ``block`` = "BLOCK_K" steps, the expand over N in "BLOCK_N" blocks (one
+    (16, r) S tile and one (r, BLOCK_N) B tile live: memory-bound on A and B, which L2 keeps
+    for the tiles of one adapter)."""
+    if interpreting():
+        return [triton.Config({block: 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({block: 128}, num_warps=4, num_stages=3), triton.Config({block: 64}, num_warps=4, num_stages=2)]

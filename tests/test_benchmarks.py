@@ -82,3 +82,14 @@ def test_default_results_go_to_an_ignored_folder():
     target = run.LOCAL_RESULTS / "x.csv"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=run.LOCAL_RESULTS.parent)
     assert ignored.returncode == 0 and run.LOCAL_RESULTS != run.RESULTS
+
+
+def test_mixed_batch_benchmark_quick_writes_rows(tmp_path):
+    from benchmarks import mixed_batch
+
+    path = tmp_path / "mixed.csv"
+    assert mixed_batch.main(["--quick", "--device", "cpu", "--csv", str(path)]) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(row["adapters"], row["provider"]) for row in rows] == [
+        (n, p) for n in ("1", "16") for p in ("one-adapter", "fastlora", "loop", "peft")]
+    assert all(row["status"] == "ok" and float(row["median_ms"]) > 0 for row in rows)

@@ -232,3 +232,27 @@ def test_gpu_in_gemm_dequant_decode_forward(M, monkeypatch):
 
     monkeypatch.setattr(qlora_module, "IN_GEMM_DEQUANT_MAX_ROWS", 64)
     check_qlora_case(Case(M=M, K=4096, N=4096, r=16, dtype=torch.bfloat16), "nf4", True, 64, "triton", device="cuda")
+
+
+@pytest.mark.parametrize("M,adapters", [(16, 16), (4096, 16), (333, 64)])
+def test_gpu_mixed_batch_inference(M, adapters):
+    """The Triton gathered shrink / expand in bf16 on the GPU against each row with its own adapter."""
+    from test_multi_adapter import per_row_reference
+
+    g = torch.Generator().manual_seed(M)
+    K, N, r = 1024, 2048, 16
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
+    lora_A = torch.randn(adapters, r, K, generator=g, dtype=torch.float64) / K**0.5
+    lora_B = torch.randn(adapters, N, r, generator=g, dtype=torch.float64)
+    scaling = torch.rand(adapters, generator=g, dtype=torch.float64) + 0.5
+    index = torch.randint(-1, adapters, (M,), generator=g)
+    cuda = {name: t.to(device="cuda", dtype=torch.bfloat16) for name, t in
+            {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}.items()}
+    with torch.no_grad(), fastlora.use_backend("triton"):
+        ours = fastlora.multi_lora_linear(cuda["x"], cuda["weight"], None, cuda["lora_A"], cuda["lora_B"], scaling,
+                                          index.cuda()).cpu()
+    truth = per_row_reference(x, weight, None, lora_A, lora_B, scaling, index)
+    plain = per_row_reference(*(t.cpu() for t in (cuda["x"], cuda["weight"])), None, cuda["lora_A"].cpu(),
+                              cuda["lora_B"].cpu(), scaling, index)
+    assert_2x_rule({"y": ours}, {"y": truth}, {"y": plain}, torch.bfloat16, label=f"gpu mixed M{M} n{adapters}")

@@ -21,7 +21,7 @@ def test_smoke_report_writes_markdown_csv_and_png(tmp_path):
     assert stage_outcomes(text) == {stage.name: "done" for stage in gpu_report.STAGES}
     for section in ("## Targets", "## Environment", "## Parity", "## Speed", "## Per-kernel profile",
                     "## Decode and host cost", "## LoRAFusion sweep", "## Saved for backward", "## DoRA fwd+bwd (ms)",
-                    "## QLoRA (ms)",
+                    "## QLoRA (ms)", "## Mixed batches (ms, forward)",
                     "## GPU tests",
                     "## End to end", "## AUTO_ON_CUDA supported by this run"):
         assert section in text, section

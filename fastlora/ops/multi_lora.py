@@ -19,7 +19,10 @@ copies of x into and of the term out of the tiles; autograd differentiates it.
 
 The cpp backend (CPU, eager calls without dropout) runs ``MixedLoRAFunction`` instead: the
 rows sorted by adapter once, two GEMMs per adapter on its gathered rows in C++, the term
-added into the base output in place (csrc/mixed_lora_cpu.cpp).
+added into the base output in place (csrc/mixed_lora_cpu.cpp). The Triton backend runs
+inference (nothing needs a gradient) on a gathered shrink and expand over the same tile
+layout (kernels/mixed_lora.py), reading x's rows and writing y's in place through the
+layout's row index, nothing copied.
 """
 
 from __future__ import annotations
@@ -191,7 +194,13 @@ def add_mixed_lora(
         raise ValueError(f"dropout_p must be one rate in [0, 1) or one per adapter ({lora_A.shape[0]}), got {dropout_p!r}")
     dropout = training and any(rates)
     eager = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-    if not dropout and eager and _backend.resolve(x.device, rows.shape[0], lora_A.shape[1]) == "cpp":
+    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1]) if eager and not dropout else "torch"
+    trains = torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, lora_A, lora_B))
+    if backend == "triton" and not trains:
+        from fastlora.ops.mixed_triton import add_mixed_lora_triton
+
+        return add_mixed_lora_triton(out, rows, lora_A, lora_B, scaling, index).reshape(base.shape)
+    if backend == "cpp":
         from fastlora.ops import cpp_ops
 
         cpp_ops.load()
