@@ -549,7 +549,7 @@ class Linear4bit(Linear):
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
         names = current_adapter_names()
-        active = self.active_lora() if not self.merged and names is None else None
+        active = self.active_lora() if not self.merged else None
         if names is not None:
             y = self.add_mixed(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, names)
         elif active is not None:

@@ -297,9 +297,8 @@ def run_fused(
     adapters under autocast and checked by ``validate_extras(x, lora_A, lora_B, *extras)``.
     """
     _check_tensor("x", x)
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if autocast:
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         adapter_extras = tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in adapter_extras)
@@ -319,14 +318,31 @@ def run_fused(
     if bias is not None and not bias.is_contiguous():  # the kernels read bias as a dense (N,) vector
         bias = bias.contiguous()
     backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0])
-    seed = None
-    if dropout_p > 0.0 and backend != "torch":  # the torch backend draws its mask from torch's generator
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
-    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, *adapter_extras, float(scaling), dropout_p, seed,
-            fan_in_fan_out, backend)
-    if autocast:  # the inputs are cast already: the kernels run below autocast
-        with torch.autocast(x.device.type, enabled=False):
-            y = function.apply(*args)
-    else:
-        y = function.apply(*args)
+    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, *adapter_extras, float(scaling), dropout_p,
+            dropout_seed(dropout_p, backend, x.device), fan_in_fan_out, backend)
+    y = apply_below_autocast(function, dtype is not None, x.device.type, *args)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast casts x's device's matmuls to, or None outside autocast."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def apply_below_autocast(function: type[torch.autograd.Function], autocast: bool, device_type: str, *args):
+    """``function.apply(*args)``, with autocast off when it was on: the inputs are cast already."""
+    if autocast:
+        with torch.autocast(device_type, enabled=False):
+            return function.apply(*args)
+    return function.apply(*args)
+
+
+def dropout_seed(dropout_p: float, backend: str, device: torch.device) -> torch.Tensor | None:
+    """The (1,) int64 seed a dropout mask is drawn from, drawn from torch's generator on the
+    device (no sync); None without dropout or on the torch backend, which draws its mask from
+    torch's generator directly."""
+    if dropout_p > 0.0 and backend != "torch":
+        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    return None

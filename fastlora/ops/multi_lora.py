@@ -181,8 +181,9 @@ def add_mixed_lora(
 ) -> torch.Tensor:
     """``base`` (..., N) plus the rank-r part of ``multi_lora_linear``, scaling[i] *
     drop_i(x[m]) A[i]^T B[i]^T, shapes as there (a layer's base output plus its mixed
-    adapters). The cpp backend (eager, no dropout) adds it with its kernels; every other case
-    runs the torch path's segmented batched matmul."""
+    adapters). Eager calls without dropout run the backend's kernels: cpp's (forward and
+    backward), Triton's gathered shrink / expand (inference only: nothing needs a gradient);
+    every other call runs the torch path's segmented batched matmul."""
     _check_tensor("x", x)
     scaling = torch.as_tensor(scaling, dtype=torch.float32, device=x.device)
     validate_mixed(x, lora_A, lora_B, scaling, adapter_index)

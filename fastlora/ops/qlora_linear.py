@@ -15,7 +15,16 @@ from torch.autograd.function import once_differentiable
 
 from fastlora import _backend, reference
 from fastlora.ops.dequant import dequantize
-from fastlora.ops.lora_linear import _SEED_HIGH, _check_tensor, _flatten_rows, _ops, input_gradients, validate
+from fastlora.ops.lora_linear import (
+    _check_tensor,
+    _flatten_rows,
+    _ops,
+    apply_below_autocast,
+    autocast_dtype,
+    dropout_seed,
+    input_gradients,
+    validate,
+)
 from fastlora.ops.weight4bit import Weight4bit
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,19 +111,6 @@ def _check_weight(x: torch.Tensor, weight: object) -> torch.Tensor:
     return x.new_empty(()).expand(weight.out_features, weight.in_features)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
-def _apply_below_autocast(function, autocast: bool, device_type: str, *args) -> torch.Tensor:
-    if autocast:  # the inputs are cast already: the op runs below autocast
-        with torch.autocast(device_type, enabled=False):
-            return function.apply(*args)
-    return function.apply(*args)
-
-
 def qlora_linear(
     x: torch.Tensor,
     weight: Weight4bit,
@@ -135,10 +131,10 @@ def qlora_linear(
     transform the reference math runs on a freshly dequantized W.
     """
     _check_tensor("x", x)
-    autocast_dtype = _autocast_dtype(x)
-    if autocast_dtype is not None:
-        x, lora_A, lora_B = x.to(autocast_dtype), lora_A.to(autocast_dtype), lora_B.to(autocast_dtype)
-        bias = bias.to(autocast_dtype) if bias is not None else None
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     validate(x, _check_weight(x, weight), bias, lora_A, lora_B, scaling, dropout_p, False)
     rows = _flatten_rows(x)
     backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[0])
@@ -148,11 +144,8 @@ def qlora_linear(
     dropout_p = float(dropout_p) if training else 0.0
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    seed = None
-    if dropout_p > 0.0 and backend != "torch":  # the torch backend draws its mask from torch's generator
-        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=x.device)
-    y = _apply_below_autocast(QLoRALinearFunction, autocast_dtype is not None, x.device.type,
-                              rows, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, backend)
+    y = apply_below_autocast(QLoRALinearFunction, dtype is not None, x.device.type, rows, weight, bias, lora_A,
+                             lora_B, float(scaling), dropout_p, dropout_seed(dropout_p, backend, x.device), backend)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -160,10 +153,10 @@ def linear_4bit(x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None) 
     """``y = x dequant(W)^T + b`` (a 4-bit layer without an active adapter, or merged), W
     dequantized into the workspace by the current backend; shapes as in ``qlora_linear``."""
     _check_tensor("x", x)
-    autocast_dtype = _autocast_dtype(x)
-    if autocast_dtype is not None:
-        x = x.to(autocast_dtype)
-        bias = bias.to(autocast_dtype) if bias is not None else None
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x = x.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     stand_in = _check_weight(x, weight)
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal in_features ({weight.in_features}); "
@@ -172,5 +165,5 @@ def linear_4bit(x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None) 
         raise ValueError(f"bias must be ({weight.out_features},) in x's dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     rows = _flatten_rows(x)
     backend = _backend.resolve(x.device, rows.shape[0], 1)
-    y = _apply_below_autocast(Base4bitFunction, autocast_dtype is not None, x.device.type, rows, weight, bias, backend)
+    y = apply_below_autocast(Base4bitFunction, dtype is not None, x.device.type, rows, weight, bias, backend)
     return y.reshape(*x.shape[:-1], y.shape[-1])
