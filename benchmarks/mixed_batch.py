@@ -9,9 +9,12 @@ n adapters of rank 16 (K = N = 1024 on a CPU, 4096 on a GPU):
   fastlora     the same layer holding n adapters, ``model(x, adapter_names=[...])`` (one pass per layer);
   loop         a loop of single-adapter fastlora calls, one per adapter on its rows (gather, call, scatter);
   peft         PEFT's LoRA layer with n adapters and its ``adapter_names`` (a loop over adapters inside).
+and at M = 4096 a training step (forward + backward, every adapter trained; PEFT refuses
+adapter_names in training): one-adapter-train against fastlora-train, whose gradients are
+checked against a loop of single-adapter steps first.
 Before timing, fastlora's and the loop's outputs are checked against PEFT's (a mismatch is
-reported ``wrong``). Reports the median (p20 / p80), the ratio to one-adapter and PEFT / fastlora,
-and peak memory; rows are appended to benchmarks/out/<device>-mixed-batch.csv.
+reported ``wrong``). Reports the median (p20 / p80), the ratio to one-adapter (-train) and PEFT /
+fastlora, and peak memory; rows are appended to benchmarks/out/<device>-mixed-batch.csv.
 """
 
 from __future__ import annotations
@@ -118,15 +121,62 @@ def run_case(M: int, adapters: int, K: int, N: int, r: int, device: str, dtype: 
     return rows
 
 
+def train_step(model: nn.Module, x: torch.Tensor, row_names: list[str] | None) -> list[torch.Tensor]:
+    """One forward + backward of ``model`` (with ``adapter_names`` when given); the adapters' gradients."""
+    adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+    y = model(x) if row_names is None else model(x, adapter_names=row_names)
+    return list(torch.autograd.grad(y.square().mean(), adapters, allow_unused=True))
+
+
+def run_training_case(M: int, adapters: int, K: int, N: int, r: int, device: str, dtype: torch.dtype,
+                      budget_s: float) -> list[dict]:
+    """one-adapter-train and fastlora-train rows: a training step over all rows with one adapter,
+    and with the rows round-robin over ``adapters`` adapters (each adapter's gradients checked
+    against a step of that adapter on its own rows)."""
+    _, ours, names = build(adapters, K, N, r, device, dtype)
+    import fastlora
+
+    ours.train()
+    for name in names[1:]:
+        ours.proj.lora_adapters[name].requires_grad_(True)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    index = torch.arange(M, device=device) % adapters
+    row_names = [names[i] for i in index.tolist()]
+    mixed = train_step(ours, x, row_names)
+    layer = ours.proj
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for i, name in enumerate(names):
+        lora_A, lora_B, scaling, _ = layer.adapter(name)
+        rows = (index == i).nonzero().squeeze(1)
+        y = fastlora.lora_linear(x[rows], layer.weight, layer.bias, lora_A, lora_B, scaling)
+        expected = torch.autograd.grad(y.square().sum() / (M * N), (lora_A, lora_B))
+        position = layer.adapter_names().index(name)
+        got = mixed[2 * position:2 * position + 2]
+        if not all(torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max()) for a, b in zip(got, expected)):
+            return [{"provider": "fastlora-train", "M": M, "K": K, "N": N, "r": r, "adapters": adapters, "status": "wrong"}]
+    calls = {"one-adapter-train": lambda: train_step(ours, x, None), "fastlora-train": lambda: train_step(ours, x, row_names)}
+    rows = []
+    for name, call in calls.items():
+        if device == "cuda":
+            median, p20, p80, _ = harness.time_cuda(call, use_graph=False)
+        else:
+            median, p20, p80 = harness.time_cpu(call, budget_s=budget_s)
+        rows.append({"provider": name, "M": M, "K": K, "N": N, "r": r, "adapters": adapters, "status": "ok",
+                     "median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": harness.peak_memory_bytes(call, device)})
+    for row in rows:
+        row["vs_one_adapter"] = row["median_ms"] / rows[0]["median_ms"]
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'M':>5} {'n':>3} {'provider':<12} {'median ms':>10} {'p20-p80 ms':>16} {'vs one':>7} "
-             f"{'peft/ours':>9} {'peak MB':>8}", "-" * 78]
+    lines = [f"{'M':>5} {'n':>3} {'provider':<17} {'median ms':>10} {'p20-p80 ms':>16} {'vs one':>7} "
+             f"{'peft/ours':>9} {'peak MB':>8}", "-" * 83]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"{row['M']:>5} {row['adapters']:>3} {row['provider']:<12} {row['status']}")
+            lines.append(f"{row['M']:>5} {row['adapters']:>3} {row['provider']:<17} {row['status']}")
             continue
         ratio = f"{row['peft_vs_fastlora']:.2f}" if "peft_vs_fastlora" in row else ""
-        lines.append(f"{row['M']:>5} {row['adapters']:>3} {row['provider']:<12} {row['median_ms']:>10.3f} "
+        lines.append(f"{row['M']:>5} {row['adapters']:>3} {row['provider']:<17} {row['median_ms']:>10.3f} "
                      f"{row['p20_ms']:>7.3f}-{row['p80_ms']:<8.3f} {row['vs_one_adapter']:>7.2f} {ratio:>9} "
                      f"{row['peak_mem_bytes'] / 2**20:>8.1f}")
     return "\n".join(lines)
@@ -146,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": git_sha(), "device": name, "torch": torch.__version__, "triton": triton_version(),
             "dtype": str(dtype).removeprefix("torch.")}
-    print(f"device {name}, {meta['dtype']}; one layer K = N = {width}, r = 16, rows round-robin over n adapters; forward")
+    print(f"device {name}, {meta['dtype']}; one layer K = N = {width}, r = 16, rows round-robin over n adapters; "
+          "forward (-train: forward + backward)")
     rows = []
+    budget = 0.05 if args.quick else 0.5
     for M, adapters in cases:
-        rows += [{**row, **meta} for row in run_case(M, adapters, width, width, 16, device, dtype, 0.05 if args.quick else 0.5)]
+        rows += [{**row, **meta} for row in run_case(M, adapters, width, width, 16, device, dtype, budget)]
+    if not args.quick:
+        rows += [{**row, **meta} for row in run_training_case(4096, 16, width, width, 16, device, dtype, budget)]
     print(format_table(rows))
     path = args.csv or LOCAL_RESULTS / f"{name}-mixed-batch.csv"
     append_csv(path, rows, COLUMNS)

@@ -7,7 +7,8 @@ Each kernel is compiled as an H100 launch would specialise it: pointers 16-byte 
 and row strides multiples of 16, unit strides as constants, r = 16, 64 and 128, in the
 variants it really launches with (``VARIANTS``: forward and dx layouts, with and without
 dropout, fp32 adapters, fp16; bf16 by default; DoRA's norm kernel and QLoRA's dequantizer once,
-they have no M or r_pad; the mixed-batch shrink / expand at r = 16 and 64). Reports per kernel and config the shared memory, whether the dots
+they have no M or r_pad; the mixed-batch shrink / expand / weight-gradient kernels at r = 16
+and 64). Reports per kernel and config the shared memory, whether the dots
 lower to Hopper's wgmma (``wgmma.mma_async`` in the PTX), whether tiles arrive by TMA
 (``cp.async.bulk.tensor``), and the registers per thread and spill bytes (Triton's bundled
 ``ptxas -v`` on the PTX). This is a compile check, not a launch guarantee (shared/gpu
@@ -27,14 +28,15 @@ H100_SHARED_BYTES = 232448  # 227 KB, the opt-in limit per block
 POINTER_DTYPES = {"s_ptr": "fp32", "g_ptr": "fp32", "db_ptr": "fp32", "dbias_ptr": "fp32", "partial_ptr": "fp32",
                   "l_ptr": "fp32", "seed_ptr": "i64", "bits_ptr": "u8", "norm_ptr": "fp32",
                   "scale_ptr": "fp32", "packed_ptr": "u8", "wq_ptr": "u8", "absmax_ptr": "fp32",
-                  "code_ptr": "fp32", "source_ptr": "i64", "tile_adapter_ptr": "i64", "valid_ptr": "u8"}
+                  "code_ptr": "fp32", "source_ptr": "i64", "tile_adapter_ptr": "i64", "valid_ptr": "u8",
+                  "lhs_ptr": "fp32", "tile_start_ptr": "i64"}
 # strides that are 1 for the contiguous operands of a real call (Triton specialises those to constants)
 UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_sr", "stride_br", "stride_dyn", "stride_wk", "stride_gr",
-                "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn"}
+                "stride_dbr", "stride_dxk", "stride_lr", "stride_rr", "stride_pk", "stride_yn", "stride_rd"}
 GEMMS = ("lora_gemm_tma_kernel", "lora_forward_kernel", "lora_grad_input_kernel")
 # (M, r_pad) of the compiles: large M at r = 16 ... 512 (above 128 the first config only), and decode
 RANKS = ((8192, 16), (8192, 32), (8192, 64), (8192, 128), (8192, 256), (8192, 512), (16, 16))
-ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr"}  # A, B or the epilogue's right factor: the adapters' dtype
+ADAPTER_POINTERS = {"a_ptr", "b_ptr", "r_ptr", "grad_ptr"}  # A, B, the epilogue's right factor, dA / dB: the adapters' dtype
 FLAGS = {"HAS_DROPOUT": True, "HAS_BIAS": False, "HAS_COLUMN_SCALE": False, "NEEDS_G": True, "NEEDS_DB": True, "NEEDS_DBIAS": True,
          "INPUT_PRECISION": "tf32", "ADAPTER_PRECISION": "tf32", "B_TRANSPOSED": True, "NUM_SMS": 132,
          "QUANT_BLOCK": 64, "W_4BIT": False, "TILE": 16}
@@ -79,10 +81,11 @@ VARIANTS = {
     },
     "mixed_shrink_kernel": {"bf16": {}, "fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee")},
     "mixed_expand_kernel": {"bf16": {}, "fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee")},
+    "mixed_grad_kernel": {"bf16": {}, "fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee")},
 }
 # DoRA's norm kernel and the dequantizer depend on neither M nor the rank's padding
 SHAPELESS = {"dora_norm_kernel", "dequant_4bit_kernel"}
-MIXED = {"mixed_shrink_kernel": "BLOCK_K", "mixed_expand_kernel": "BLOCK_N"}  # tiles of 16 rows: no M either
+MIXED = {"mixed_shrink_kernel": "BLOCK_K", "mixed_expand_kernel": "BLOCK_N", "mixed_grad_kernel": None}  # tiles of 16 rows: no M either
 
 
 def kernels() -> dict:
@@ -93,7 +96,7 @@ def kernels() -> dict:
     from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_input_kernel, lora_grad_output_kernel
     from fastlora.kernels.lora_forward import lora_forward_kernel, lora_shrink_kernel
     from fastlora.kernels.lora_gemm_tma import lora_gemm_tma_kernel
-    from fastlora.kernels.mixed_lora import mixed_expand_kernel, mixed_shrink_kernel
+    from fastlora.kernels.mixed_lora import mixed_expand_kernel, mixed_grad_kernel, mixed_shrink_kernel
 
     return {
         "lora_gemm_tma_kernel": (lora_gemm_tma_kernel, configs.gemm_configs),
@@ -106,6 +109,7 @@ def kernels() -> dict:
         "dequant_4bit_kernel": (dequant_4bit_kernel, configs.dequant_configs),
         "mixed_shrink_kernel": (mixed_shrink_kernel, configs.mixed_configs),
         "mixed_expand_kernel": (mixed_expand_kernel, configs.mixed_configs),
+        "mixed_grad_kernel": (mixed_grad_kernel, configs.mixed_grad_configs),
     }
 
 
@@ -115,7 +119,7 @@ def config_list(name: str, M: int, r_pad: int, variant: str) -> list:
     if name == "dequant_4bit_kernel":
         return factory()
     if name in MIXED:
-        return factory(MIXED[name])
+        return factory(MIXED[name]) if MIXED[name] else factory()
     if name in SHAPELESS:
         return factory(4096)
     if name == "lora_shrink_kernel":

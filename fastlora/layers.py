@@ -343,6 +343,22 @@ class Linear(nn.Linear, LoRALayer):
         if self.active_adapter == name:
             self.active_adapter = DEFAULT_ADAPTER
 
+    def mixed_batch_names(self) -> list[str] | None:
+        """The adapter names of the mixed batch this forward runs, or None (a plain batch).
+
+        Normally those of the model call in progress in this thread. Activation checkpointing
+        (Hugging Face's ``gradient_checkpointing_enable``, ``torch.utils.checkpoint``) runs the
+        forward again inside the backward, outside that call and perhaps on autograd's own
+        thread: that recomputation takes the names of this layer's last forward in training
+        mode, so each adapter's gradients still come from its own rows (eager mode; a compiled
+        model recomputes inside its own graph)."""
+        names = current_adapter_names()
+        if self.training and not torch.compiler.is_compiling():
+            if names is None and torch._C._current_graph_task_id() != -1:  # recomputed inside a backward
+                return self.__dict__.get("_training_adapter_names")
+            self.__dict__["_training_adapter_names"] = names
+        return names
+
     def add_mixed(self, base: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``base`` (the layer's base output for x) plus the rank-r term of a mixed batch
         (``model(..., adapter_names=names)``, one name per sample: x's rows split evenly over the
@@ -367,15 +383,15 @@ class Linear(nn.Linear, LoRALayer):
         rates. Rebuilt while autograd must reach the adapters; otherwise kept until an adapter
         is added, removed or written to (tensor versions), so serving does not restack."""
         adapters = [self.adapter(name) for name in self.adapter_names()]
+        trains = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
         key = tuple((id(a), a._version, id(b), b._version, s, p) for a, b, s, p in adapters)
         cached = self.__dict__.get("_stacked_adapters")
-        if cached is not None and cached[0] == key:
+        if not trains and cached is not None and cached[0] == key:
             return cached[1]
         rank = max(a.shape[0] for a, _, _, _ in adapters)
         stacked = (torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in adapters]),
                    torch.stack([F.pad(b, (0, rank - b.shape[1])) for _, b, _, _ in adapters]),
                    [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters])
-        trains = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
         self.__dict__["_stacked_adapters"] = None if trains else (key, stacked)
         return stacked
 
@@ -394,7 +410,7 @@ class Linear(nn.Linear, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = current_adapter_names()
+        names = self.mixed_batch_names()
         if names is not None and self.r > 0:
             return self.add_mixed(F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias), x, names)
         if self.r > 0 and not self.merged and self.use_dora:
@@ -548,7 +564,7 @@ class Linear4bit(Linear):
         compute = self.compute_dtype_for(x)
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
-        names = current_adapter_names()
+        names = self.mixed_batch_names()
         active = self.active_lora() if not self.merged else None
         if names is not None:
             y = self.add_mixed(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, names)

@@ -5,12 +5,17 @@ pre-hook that takes ``adapter_names`` (one name per sample, ``"__base__"`` for n
 the call's keyword arguments, checks the names against the model's adapters, and keeps them
 for the duration of the call, in the calling thread, where every fastlora LoRA layer reads
 them (``current_adapter_names``): a layer then runs each sample's rows with that sample's
-adapter (fastlora/ops/multi_lora.py), or its base alone where it lacks the adapter.
+adapter (fastlora/ops/multi_lora.py), or its base alone where it lacks the adapter. A model
+call inside another (``generate``'s steps) without names of its own keeps the outer call's.
+A model with a ``generate`` method (Hugging Face) also takes ``generate(...,
+adapter_names=[...])``: every step runs with those names; beams and returned sequences of one
+sample, which Hugging Face lays out next to each other, run that sample's adapter.
 """
 
 from __future__ import annotations
 
 import threading
+import types
 
 import torch.nn as nn
 
@@ -38,7 +43,8 @@ def _take_adapter_names(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
             raise ValueError(f"adapter_names: unknown adapters {unknown}; the model's adapters are {known} "
                              f"({BASE_ONLY!r}: no adapter)")
         names = list(names)
-    _local.stack = getattr(_local, "stack", []) + [names]
+    stack = getattr(_local, "stack", [])
+    _local.stack = stack + [names if names is not None or not stack else stack[-1]]
     return args, kwargs
 
 
@@ -52,4 +58,18 @@ def accept_adapter_names(model: nn.Module) -> None:
         return
     model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
     model.register_forward_hook(_drop_adapter_names, with_kwargs=True, always_call=True)
+    if callable(getattr(type(model), "generate", None)):
+        model.generate = types.MethodType(generate, model)  # a bound method: deepcopy rebinds it to the copy
     setattr(model, HOOKED, True)
+
+
+def generate(model: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
+    """The model class's ``generate``, every step of it run with ``adapter_names`` (when given)."""
+    class_generate = type(model).generate
+    if adapter_names is None:
+        return class_generate(model, *args, **kwargs)
+    _take_adapter_names(model, (), {"adapter_names": adapter_names})
+    try:
+        return class_generate(model, *args, **kwargs)
+    finally:
+        _drop_adapter_names(model, (), {}, None)

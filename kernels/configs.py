@@ -155,3 +155,13 @@ def mixed_configs(block: str) -> list[triton.Config]:
     if interpreting():
         return [triton.Config({block: 32}, num_warps=4, num_stages=1)]
     return [triton.Config({block: 128}, num_warps=4, num_stages=3), triton.Config({block: 64}, num_warps=4, num_stages=2)]
+
+
+def mixed_grad_configs() -> list[triton.Config]:
+    """The mixed batches' weight-gradient kernel: one (r, BLOCK_D) float32 accumulator per
+    program, fed 16 rows at a time. Eight warps at BLOCK_D = 128 keep an IEEE float32 product at
+    r = 64 (float32 adapters) in registers (four spill 10 KB: benchmarks/sm90_check.py)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_D": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=2)]

@@ -234,25 +234,47 @@ def test_gpu_in_gemm_dequant_decode_forward(M, monkeypatch):
     check_qlora_case(Case(M=M, K=4096, N=4096, r=16, dtype=torch.bfloat16), "nf4", True, 64, "triton", device="cuda")
 
 
-@pytest.mark.parametrize("M,adapters", [(16, 16), (4096, 16), (333, 64)])
-def test_gpu_mixed_batch_inference(M, adapters):
-    """The Triton gathered shrink / expand in bf16 on the GPU against each row with its own adapter."""
-    from test_multi_adapter import per_row_reference
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("M,adapters,adapter_dtype", [(16, 16, torch.bfloat16), (4096, 16, torch.bfloat16),
+                                                      (333, 64, torch.bfloat16), (700, 5, torch.float32)])
+def test_gpu_mixed_batch_trains(M, adapters, adapter_dtype, backend):
+    """A mixed batch in bf16 on the GPU (Triton: gathered shrink / expand forward, four launches
+    backward; torch: the segmented bmm) against each row with its own adapter: y, dx, dA, dB, db."""
+    from test_multi_adapter import check_mixed_batch
 
-    g = torch.Generator().manual_seed(M)
-    K, N, r = 1024, 2048, 16
-    x = torch.randn(M, K, generator=g, dtype=torch.float64)
-    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
-    lora_A = torch.randn(adapters, r, K, generator=g, dtype=torch.float64) / K**0.5
-    lora_B = torch.randn(adapters, N, r, generator=g, dtype=torch.float64)
-    scaling = torch.rand(adapters, generator=g, dtype=torch.float64) + 0.5
-    index = torch.randint(-1, adapters, (M,), generator=g)
-    cuda = {name: t.to(device="cuda", dtype=torch.bfloat16) for name, t in
-            {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}.items()}
+    check_mixed_batch(backend, M, adapters, (16,) * adapters, torch.bfloat16, adapter_dtype, K=1024, N=2048,
+                      device="cuda")
+
+
+def test_gpu_mixed_batch_captures_in_a_cuda_graph_and_compiles():
+    """No host-device sync: the Triton mixed op is captured in a CUDA graph (a sync would raise
+    there) and replays with a new index; torch.compile(fullgraph=True) calls the registered op."""
+    g = torch.Generator().manual_seed(9)
+    M, K, N, n, r = 64, 512, 256, 8, 16
+    x = torch.randn(M, K, generator=g).cuda().bfloat16()
+    weight = (torch.randn(N, K, generator=g) / K**0.5).cuda().bfloat16()
+    lora_A = (torch.randn(n, r, K, generator=g) / K**0.5).cuda().bfloat16()
+    lora_B = torch.randn(n, N, r, generator=g).cuda().bfloat16()
+    scaling = torch.rand(n, generator=g).cuda() + 0.5
+    index = torch.randint(-1, n, (M,), generator=g).cuda()
     with torch.no_grad(), fastlora.use_backend("triton"):
-        ours = fastlora.multi_lora_linear(cuda["x"], cuda["weight"], None, cuda["lora_A"], cuda["lora_B"], scaling,
-                                          index.cuda()).cpu()
-    truth = per_row_reference(x, weight, None, lora_A, lora_B, scaling, index)
-    plain = per_row_reference(*(t.cpu() for t in (cuda["x"], cuda["weight"])), None, cuda["lora_A"].cpu(),
-                              cuda["lora_B"].cpu(), scaling, index)
-    assert_2x_rule({"y": ours}, {"y": truth}, {"y": plain}, torch.bfloat16, label=f"gpu mixed M{M} n{adapters}")
+        def call():
+            return fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, scaling, index)
+
+        call()  # configs chosen before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        index.copy_(torch.randint(-1, n, (M,), generator=g).cuda())
+        graph.replay()
+        torch.testing.assert_close(captured, call(), rtol=0, atol=0)
+        graphs = []
+
+        def recording(gm, example_inputs):
+            graphs.append("\n".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(call, fullgraph=True, backend=recording)()
+        assert "fastlora.mixed_lora_fwd_triton" in graphs[0]
+        torch.testing.assert_close(torch.compile(call, fullgraph=True)(), call(), rtol=1e-2, atol=1e-2)

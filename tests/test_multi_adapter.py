@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora.ops import launcher
 from tiny_models import TARGETS, batch, init_lora_B, lora_grads, tiny_llama
 
 
@@ -160,19 +161,14 @@ def per_row_reference(x, weight, bias, lora_A, lora_B, scaling, index):
     return torch.cat(rows) if rows else torch.nn.functional.linear(x, weight, bias)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("M,adapters,ranks,dtype", [
-    (37, 3, (4, 2, 6), torch.float32), (1, 4, (4, 4, 4, 4), torch.float32), (16, 16, tuple(range(1, 17)), torch.float32),
-    (200, 5, (8, 8, 3, 1, 8), torch.float16), (0, 2, (2, 2), torch.float32), (64, 64, (4,) * 64, torch.float32),
-])
-def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks, dtype, backend):
-    """multi_lora_linear against the reference row by row (adapters of different ranks, zero-padded;
-    rows with -1 the base alone): output and every gradient under the 2x-error rule, on the
-    torch path (segmented bmm) and the cpp kernels."""
+def check_mixed_batch(backend, M, adapters, ranks, dtype, adapter_dtype=None, K=24, N=20, device="cpu"):
+    """multi_lora_linear on ``backend`` (on ``device``) against the reference row by row on the
+    CPU (adapters of different ranks, zero-padded; rows with -1 the base alone): output and
+    every gradient under the 2x-error rule."""
     from lora_cases import assert_2x_rule
 
     g = torch.Generator().manual_seed(M + adapters)
-    K, N, r = 24, 20, max(ranks)
+    r = max(ranks)
     x = torch.randn(M, K, generator=g, dtype=torch.float64)
     weight = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
     bias = torch.randn(N, generator=g, dtype=torch.float64)
@@ -186,20 +182,38 @@ def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks
     index[:1] = 0  # at least one row with an adapter
     dy = torch.randn(M, N, generator=g, dtype=torch.float64)
 
-    def run(fn, dt):
-        leaves = [t.detach().to(dt).clone().requires_grad_() for t in (x, bias, lora_A, lora_B)]
-        y = fn(leaves[0], weight.to(dt), leaves[1], leaves[2], leaves[3], scaling, index)
-        y.backward(dy.to(dt))
+    def run(fn, dt, adapter_dt, on="cpu"):
+        leaves = [t.detach().to(device=on, dtype=d).clone().requires_grad_()
+                  for t, d in ((x, dt), (bias, dt), (lora_A, adapter_dt), (lora_B, adapter_dt))]
+        y = fn(leaves[0], weight.to(device=on, dtype=dt), leaves[1], leaves[2], leaves[3], scaling, index.to(on))
+        y.backward(dy.to(device=on, dtype=dt))
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]  # M = 0: no gradient at all
-        return {"y": y.detach(), "dx": grads[0], "dbias": grads[1], "dA": grads[2], "dB": grads[3]}
+        return {k: v.cpu() for k, v in
+                {"y": y.detach(), "dx": grads[0], "dbias": grads[1], "dA": grads[2], "dB": grads[3]}.items()}
 
+    launcher._chosen.clear()
     with fastlora.use_backend(backend):
-        ours = run(fastlora.multi_lora_linear, dtype)
-    truth = run(per_row_reference, torch.float64)
-    plain = run(per_row_reference, dtype)
+        ours = run(fastlora.multi_lora_linear, dtype, adapter_dtype or dtype, device)
+    if backend == "triton" and M:
+        assert {key[0] for key in launcher._chosen} == {"mixed_shrink_kernel", "mixed_expand_kernel", "mixed_grad_kernel"}
+    truth = run(per_row_reference, torch.float64, torch.float64)
+    plain = run(per_row_reference, dtype, dtype)
     if M:
         assert truth["dA"].abs().max() > 0
-    assert_2x_rule(ours, truth, plain, dtype, label=f"mixed M{M} n{adapters}")
+    truth = {k: v.to(ours[k].dtype) for k, v in truth.items()}  # fp32 adapters on a half x: compare in theirs
+    plain = {k: v.to(ours[k].dtype) for k, v in plain.items()}
+    assert_2x_rule(ours, truth, plain, dtype, label=f"{backend} mixed M{M} n{adapters}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("M,adapters,ranks,dtype", [
+    (37, 3, (4, 2, 6), torch.float32), (1, 4, (4, 4, 4, 4), torch.float32), (16, 16, tuple(range(1, 17)), torch.float32),
+    (200, 5, (8, 8, 3, 1, 8), torch.float16), (0, 2, (2, 2), torch.float32), (64, 64, (4,) * 64, torch.float32),
+])
+def test_mixed_batch_op_matches_each_row_with_its_own_adapter(M, adapters, ranks, dtype, backend):
+    """The torch path (segmented bmm) and the cpp kernels (GEMMs for adapters with many rows, dot
+    products for those with few: both occur in these cases)."""
+    check_mixed_batch(backend, M, adapters, ranks, dtype)
 
 
 def mixed_models(tmp_path):
@@ -223,15 +237,42 @@ def test_hugging_face_adapter_names_match_peft_and_each_sample_alone(tmp_path):
         torch.testing.assert_close(mixed[i:i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_batch_trains_each_adapter_from_its_own_rows_only(tmp_path):
-    """Dropout on: the gradients of adapter "b" come from b's samples only (changing the other
-    samples changes nothing of them), and each adapter's gradients equal a batch of its own samples."""
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_takes_adapter_names_as_peft_s(tmp_path, beams):
+    """generate(..., adapter_names=[...]) runs every step with each sample's adapter (beams of one
+    sample included): the tokens equal PEFT's generate with the same names and each sample
+    generated alone with its adapter set; a deep copy's generate runs the copy."""
+    theirs, ours = mixed_models(tmp_path)
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(3))
+    names = ["b", "__base__", "default"]
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0)
+    mixed = ours.generate(ids, adapter_names=names, **settings)
+    assert torch.equal(mixed, theirs.generate(input_ids=ids, adapter_names=names, **settings))
+    for i, name in enumerate(names):
+        if name == "__base__":
+            alone = tiny_llama().generate(ids[i:i + 1], **settings)
+        else:
+            fastlora.set_adapter(ours, name)
+            alone = ours.generate(ids[i:i + 1], **settings)
+        assert torch.equal(alone, mixed[i:i + 1]), name
+    copied = copy.deepcopy(ours)
+    assert copied.generate.__self__ is copied
+
+
+def training_mixed_model(tmp_path):
+    """Our tiny Llama with adapters "default" and "b" (dropout 0.3), both trainable, in training mode."""
     _, ours = mixed_models(tmp_path)
     for layer in ours.modules():
         if isinstance(layer, fastlora.Linear):
             layer.lora_adapters["b"].lora_dropout_p = 0.3
             layer.lora_adapters["b"].requires_grad_(True)
-    ours.train()
+    return ours.train()
+
+
+def test_mixed_batch_trains_each_adapter_from_its_own_rows_only(tmp_path):
+    """Dropout on: the gradients of adapter "b" come from b's samples only (changing the other
+    samples changes nothing of them), and each adapter's gradients equal a batch of its own samples."""
+    ours = training_mixed_model(tmp_path)
     ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(4))
     names = ["b", "default", "__base__"]
 
@@ -253,6 +294,30 @@ def test_mixed_batch_trains_each_adapter_from_its_own_rows_only(tmp_path):
         assert first[key].abs().max() > 0
         torch.testing.assert_close(second[key], first[key], rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(second[k], first[k]) for k in default_keys)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_mixed_batch_trains_the_same_under_gradient_checkpointing(tmp_path, use_reentrant):
+    """Hugging Face's activation checkpointing recomputes each layer inside the backward, outside
+    the model call that carried adapter_names: the recomputation still runs each sample's
+    adapter (dropout included), so every gradient equals the run without checkpointing."""
+    ours = training_mixed_model(tmp_path)
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(8))
+
+    def grads():
+        ours.zero_grad()
+        torch.manual_seed(0)
+        ours(input_ids=ids, labels=ids, adapter_names=["b", "default", "__base__"]).loss.backward()
+        return {k: v.clone() for k, v in lora_grads(ours).items()}
+
+    expected = grads()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ours.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+    checkpointed = grads()
+    assert sorted(checkpointed) == sorted(expected) and any(".lora_adapters.b." in k for k in expected)
+    for key, value in expected.items():
+        assert value.abs().max() > 0, key
+        torch.testing.assert_close(checkpointed[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_mixed_batch_on_4bit_layers_matches_each_sample(tmp_path):
@@ -296,48 +361,44 @@ def test_bad_mixed_batches_are_refused(tmp_path):
         fastlora.multi_lora_linear(x, weight, None, lora_A, torch.randn(2, 6, 4), scaling, torch.zeros(5, dtype=torch.long))
 
 
-def test_mixed_batch_op_compiles_without_graph_breaks():
-    """torch.compile(fullgraph=True) traces the torch path (no data-dependent shapes, no sync)."""
-    compiled = torch.compile(fastlora.multi_lora_linear, fullgraph=True)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mixed_batch_op_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) takes the backend's registered mixed op (its fake kernel
+    gives the shapes; no data-dependent shape, no sync): the traced graph calls
+    fastlora::mixed_lora_fwd_<backend>, and Inductor's output and gradients equal eager ones."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(40, 16, generator=g, requires_grad=True)
     weight = torch.randn(12, 16, generator=g)
     lora_A = torch.randn(3, 4, 16, generator=g, requires_grad=True)
     lora_B = torch.randn(3, 12, 4, generator=g, requires_grad=True)
     index = torch.randint(-1, 3, (40,), generator=g)
-    y = compiled(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
-    expected = fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append("\n".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with fastlora.use_backend(backend):
+        torch.compile(fastlora.multi_lora_linear, fullgraph=True, backend=recording)(
+            x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+        assert f"fastlora.mixed_lora_fwd_{backend}" in graphs[0]
+        y = torch.compile(fastlora.multi_lora_linear, fullgraph=True)(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+        expected = fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
     torch.testing.assert_close(y, expected)
-    (grad_A,) = torch.autograd.grad(y.sum(), lora_A)
-    (expected_A,) = torch.autograd.grad(expected.sum(), lora_A)
-    torch.testing.assert_close(grad_A, expected_A)
+    dy = torch.randn(y.shape, generator=g)
+    for ours, theirs in zip(torch.autograd.grad(y, (x, lora_A, lora_B), dy),
+                            torch.autograd.grad(expected, (x, lora_A, lora_B), dy)):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.skipif("triton" not in __import__("lora_cases").available_backends("cpu"), reason="triton is not installed")
-@pytest.mark.parametrize("M,adapters,dtype,adapter_dtype", [
-    (37, 3, torch.float32, torch.float32), (1, 4, torch.float32, torch.float32), (70, 16, torch.float16, torch.float16),
-    (20, 5, torch.float16, torch.float32), (3, 64, torch.float32, torch.float32),
+@pytest.mark.parametrize("M,adapters,ranks,dtype,adapter_dtype", [
+    (37, 3, (8, 2, 5), torch.float32, torch.float32), (1, 4, (8,) * 4, torch.float32, torch.float32),
+    (70, 16, (8,) * 16, torch.float16, torch.float16), (20, 5, (8, 4, 8, 1, 8), torch.float16, torch.float32),
+    (3, 64, (8,) * 64, torch.float32, torch.float32), (0, 2, (4, 4), torch.float32, torch.float32),
 ])
-def test_triton_mixed_inference_matches_each_row(M, adapters, dtype, adapter_dtype):
-    """The gathered shrink / expand kernels (interpreter) against the reference row by row."""
-    from fastlora.ops import launcher
-
-    g = torch.Generator().manual_seed(M)
-    K, N, r = 40, 36, 8
-    x = torch.randn(M, K, generator=g, dtype=torch.float64)
-    weight = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
-    bias = torch.randn(N, generator=g, dtype=torch.float64)
-    lora_A = torch.randn(adapters, r, K, generator=g, dtype=torch.float64) / K**0.5
-    lora_B = torch.randn(adapters, N, r, generator=g, dtype=torch.float64)
-    scaling = torch.rand(adapters, generator=g, dtype=torch.float64) + 0.5
-    index = torch.randint(-1, adapters, (M,), generator=g)
-    launcher._chosen.clear()
-    with torch.no_grad(), fastlora.use_backend("triton"):
-        ours = fastlora.multi_lora_linear(x.to(dtype), weight.to(dtype), bias.to(dtype), lora_A.to(adapter_dtype),
-                                          lora_B.to(adapter_dtype), scaling, index)
-    assert {key[0] for key in launcher._chosen} >= {"mixed_shrink_kernel", "mixed_expand_kernel"}
-    truth = per_row_reference(x, weight, bias, lora_A, lora_B, scaling, index)
-    plain = per_row_reference(x.to(dtype), weight.to(dtype), bias.to(dtype), lora_A.to(dtype), lora_B.to(dtype), scaling, index)
-    from lora_cases import assert_2x_rule
-
-    assert_2x_rule({"y": ours}, {"y": truth}, {"y": plain}, dtype, label=f"triton mixed M{M} n{adapters}")
+def test_triton_mixed_batch_matches_each_row(M, adapters, ranks, dtype, adapter_dtype):
+    """The gathered shrink / expand kernels forward, and backward the same two kernels on dy
+    (B^T as "A", A^T as "B") plus the per-adapter weight-gradient kernel (interpreter)."""
+    check_mixed_batch("triton", M, adapters, ranks, dtype, adapter_dtype, K=40, N=36)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
-from fastlora.ops.schema import define_ops
+from fastlora.ops.schema import define_mixed_ops, define_ops
 
 define_ops("cpp")
 # the 4-bit dequantizer of csrc/dequant_4bit.cpp (fastlora/ops/weight4bit.py has the layout)
@@ -41,26 +41,7 @@ torch.library.define(
     "(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor(a!) out) -> ()",
 )
 
-# mixed batches (csrc/mixed_lora_cpu.cpp): the rank-r term of one adapter per row, added into y
-torch.library.define(
-    "fastlora::mixed_lora_fwd_cpp",
-    "(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor(a!) y) -> Tensor",
-)
-torch.library.define(
-    "fastlora::mixed_lora_bwd_cpp",
-    "(Tensor dy, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor S, Tensor(a!) dx, "
-    "bool needs_dx) -> (Tensor, Tensor)",
-)
-
-
-@torch.library.register_fake("fastlora::mixed_lora_fwd_cpp")
-def _mixed_forward_fake(x, lora_A, lora_B, scaling, index, y):
-    return x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32)
-
-
-@torch.library.register_fake("fastlora::mixed_lora_bwd_cpp")
-def _mixed_backward_fake(dy, x, lora_A, lora_B, scaling, index, S, dx, needs_dx):
-    return torch.empty_like(lora_A), torch.empty_like(lora_B)
+define_mixed_ops("cpp")  # mixed batches (csrc/mixed_lora_cpu.cpp): one adapter per row
 
 
 SOURCES = ("lora_cpu.cpp", "philox.cpp", "dequant_4bit.cpp", "mixed_lora_cpu.cpp")

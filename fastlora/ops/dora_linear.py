@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from fastlora import reference
 from fastlora.ops.dora_norm import weight_norm
-from fastlora.ops.lora_linear import _check_tensor, _describe, _ops, run_fused
+from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops, run_fused
 from fastlora.ops.torch_ops import unpack_keep_bits
 
 
@@ -90,7 +90,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, fan_in_fan_out, backend):
-        forward_op, _ = _ops(backend, x)
+        forward_op, _ = backend_ops(backend, x)
         norm = weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, backend)
         g = magnitude.detach().float() / norm
         if dropout_p == 0.0 and backend == "triton":  # the column scale in the GEMM's epilogue
@@ -122,7 +122,7 @@ class DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S, keep_bits, seed, bias, g, norm, kept = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:6]
-        _, backward_op = _ops(ctx.backend, dy)
+        _, backward_op = backend_ops(ctx.backend, dy)
         dy = dy.contiguous()
         p = ctx.dropout_p
         dm = None

@@ -85,27 +85,34 @@ def validate(
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _ops(backend: str, x: torch.Tensor) -> tuple[object, object]:
-    """The backend's forward and backward: the registered ``torch.library`` ops while
-    torch.compile (or any tracer) sees them, the same Python functions called directly in
-    eager mode, where a round trip through the dispatcher only costs host time."""
-    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling()
+def _python_ops_module(backend: str, family: str):
+    """The module holding the ``forward`` / ``backward`` of a Python backend's op family
+    (imported with plain import statements, which torch.compile traces)."""
     if backend == "triton":
-        from fastlora.ops import triton_ops
+        from fastlora.ops import mixed_triton, triton_ops
 
-        if eager:
-            return triton_ops.forward, triton_ops.backward
-    elif backend == "torch":
-        from fastlora.ops import torch_ops
+        return triton_ops if family == "lora" else mixed_triton
+    from fastlora.ops import mixed_torch, torch_ops
 
-        if eager:
-            return torch_ops.forward, torch_ops.backward
-    elif backend == "cpp":
+    return torch_ops if family == "lora" else mixed_torch
+
+
+def backend_ops(backend: str, x: torch.Tensor, family: str = "lora") -> tuple[object, object]:
+    """The backend's forward and backward of an op family (``lora``: ``fastlora::lora_fwd_<backend>``
+    / ``lora_bwd_<backend>``; ``mixed_lora``: mixed batches): the registered ``torch.library``
+    ops while torch.compile (or any tracer) sees them, the same Python functions called
+    directly in eager mode, where a round trip through the dispatcher only costs host time."""
+    eager = type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    if backend == "cpp":
         from fastlora.ops import cpp_ops
 
         cpp_ops.load()
+    else:
+        module = _python_ops_module(backend, family)
+        if eager:
+            return module.forward, module.backward
     namespace = torch.ops.fastlora
-    return getattr(namespace, f"lora_fwd_{backend}"), getattr(namespace, f"lora_bwd_{backend}")
+    return getattr(namespace, f"{family}_fwd_{backend}"), getattr(namespace, f"{family}_bwd_{backend}")
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -134,7 +141,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
-        forward_op, _ = _ops(backend, x)
+        forward_op, _ = backend_ops(backend, x)
         y, S, keep_bits = forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed)
         ctx.scaling = scaling
@@ -153,7 +160,7 @@ class LoRALinearFunction(torch.autograd.Function):
             backward_op = torch_ops.backward
             S = torch_ops.recompute_S(x, lora_A, keep_bits, ctx.dropout_p)
         else:
-            _, backward_op = _ops(ctx.backend, dy)
+            _, backward_op = backend_ops(ctx.backend, dy)
         return input_gradients(ctx, backward_op, dy, x, weight, lora_A, lora_B, S, keep_bits, seed,
                                ctx.fan_in_fan_out, trailing=5)
 

@@ -7,22 +7,17 @@ Shapes: x (M, K); lora_A (n, r, K) and lora_B (n, N, r), adapters of smaller ran
 to r; scaling (n,); adapter_index (M,) integer, on x's device (it never leaves it: no
 host-device sync). Rows of adapter i train adapter i only.
 
-The torch path is a segmented batched matmul without a loop over adapters: rows are sorted
-by adapter (on the device) and laid out in tiles of T rows, each segment padded to whole
-tiles, so every tile belongs to one adapter (rows without an adapter get a zero adapter;
-padding slots repeat a row and are never read back);
-one ``bmm`` against each tile's gathered A gives S, one against its gathered B the rank-r
-term, which is read back in the rows' order. The layout's size is known from M, n and T
-alone (at most M + (n + 1)(T - 1) rows), so nothing waits on the device. Its cost is a
-single adapter's rank-r work on M + n T rows (T = min(64, M / (n + 1)), at least 1), plus the
-copies of x into and of the term out of the tiles; autograd differentiates it.
-
-The cpp backend (CPU, eager calls without dropout) runs ``MixedLoRAFunction`` instead: the
-rows sorted by adapter once, two GEMMs per adapter on its gathered rows in C++, the term
-added into the base output in place (csrc/mixed_lora_cpu.cpp). The Triton backend runs
-inference (nothing needs a gradient) on a gathered shrink and expand over the same tile
-layout (kernels/mixed_lora.py), reading x's rows and writing y's in place through the
-layout's row index, nothing copied.
+The rank-r term is one op per backend, registered with ``torch.library`` (schema and fake
+kernels in schema.py) so torch.compile and CUDA graphs take it, run by ``MixedLoRAFunction``:
+``fastlora::mixed_lora_fwd_<backend>`` adds it into the base output in place and returns S
+(M x r), ``mixed_lora_bwd_<backend>`` gives dx, dA, dB. torch (mixed_torch.py): a segmented
+batched matmul on the tile layout (mixed_layout.py); triton (mixed_triton.py,
+kernels/mixed_lora.py): a gathered shrink and expand forward, and four launches backward;
+cpp (csrc/mixed_lora_cpu.cpp): rows sorted by adapter once, a GEMM pair per adapter with
+many rows and dot products for the rows of adapters with few. None loops over adapters in
+Python. Dropout draws each row's mask at its adapter's rate in torch before the op (autograd
+then keeps the mask, M x K). float64 and torch.func transforms run the torch path's math in
+plain autograd.
 """
 
 from __future__ import annotations
@@ -32,56 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fastlora import _backend
-from fastlora.ops.lora_linear import _check_tensor, _describe
-
-MAX_TILE_ROWS = 64
-
-
-def tile_rows(rows: int, adapters: int) -> int:
-    """T: rows per tile for ``rows`` rows over ``adapters`` adapters (and the no-adapter segment)."""
-    return max(1, min(MAX_TILE_ROWS, rows // (adapters + 1)))
-
-
-def tile_layout(index: torch.Tensor, adapters: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Where each row goes: (position (M,) of row m in the tiled layout, adapter (tiles,) of
-    each tile, number of tiles). Segment s (adapter s; s = adapters: no adapter) starts at a
-    multiple of ``tile``; all on the index's device."""
-    segment = torch.where(index < 0, adapters, index).long()
-    counts = torch.zeros(adapters + 1, dtype=torch.long, device=index.device).scatter_add_(
-        0, segment, torch.ones_like(segment))  # bincount, with a size known before it runs
-    padded = (counts + tile - 1) // tile * tile
-    start = torch.cumsum(counts, 0) - counts
-    padded_end = torch.cumsum(padded, 0)
-    order = torch.argsort(segment, stable=True)
-    sorted_segment = segment[order]
-    rank = torch.arange(index.numel(), device=index.device) - start[sorted_segment]
-    position = torch.empty_like(order)
-    position[order] = padded_end[sorted_segment] - padded[sorted_segment] + rank
-    tiles = -(-(index.numel() + (adapters + 1) * (tile - 1)) // tile)
-    first_rows = torch.arange(tiles, device=index.device) * tile
-    tile_adapter = torch.searchsorted(padded_end, first_rows, right=True).clamp_(max=adapters)
-    return position, tile_adapter, tiles
-
-
-def multi_lora_term(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
-                    index: torch.Tensor) -> torch.Tensor:
-    """scaling[i] * x[m] A[i]^T B[i]^T for every row m (i = index[m], 0 where i = -1), (M, N)
-    in the adapters' dtype; x (M, K) already in that dtype (and dropped, in training)."""
-    M, K = x.shape
-    n, N, r = lora_B.shape
-    tile = tile_rows(M, n)
-    position, tile_adapter, tiles = tile_layout(index, n, tile)
-    zero_A = lora_A.new_zeros((1, r, K))
-    zero_B = lora_B.new_zeros((1, N, r))
-    A = torch.cat((lora_A * scaling.to(lora_A.dtype)[:, None, None], zero_A))[tile_adapter]  # (tiles, r, K)
-    B = torch.cat((lora_B, zero_B))[tile_adapter]  # (tiles, N, r)
-    # the rows in tile order; padding slots repeat row 0, whose results are never read back
-    source = torch.zeros(tiles * tile, dtype=torch.long, device=x.device).index_copy_(
-        0, position, torch.arange(M, device=x.device))
-    tiled = x.index_select(0, source).view(tiles, tile, K)
-    S = torch.bmm(tiled, A.transpose(1, 2))  # (tiles, tile, r)
-    term = torch.bmm(S, B.transpose(1, 2)).view(tiles * tile, N)
-    return term.index_select(0, position)
+from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops
 
 
 def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
@@ -141,32 +87,37 @@ def multi_lora_linear(
 
 
 class MixedLoRAFunction(torch.autograd.Function):
-    """y = base + s_i x A_i^T B_i^T per row (i = index[m]; nothing for -1), without dropout,
-    on the cpp backend's kernels (csrc/mixed_lora_cpu.cpp), added into ``base`` in place.
+    """y = base + s_i x A_i^T B_i^T per row (i = index[m]; nothing for -1) on a backend's mixed
+    op, added into ``base`` in place (into a copy of it while torch.compile traces, which does
+    not take an in-place autograd.Function).
 
     Shapes: base, dy (M, N); x (M, K); A (n, r, K); B (n, N, r); s (n,). With S_i = s_i x_i A_i^T
-    for the rows x_i of adapter i and G_i = dy_i B_i:
-      d base = dy;  dx_i = s_i G_i A_i;  dA_i = s_i G_i^T x_i;  dB_i = dy_i^T S_i,
+    for the rows x_i of adapter i and G_i = s_i dy_i B_i:
+      d base = dy;  dx_i = G_i A_i;  dA_i = G_i^T x_i;  dB_i = dy_i^T S_i,
     each adapter's gradients from its own rows only. Saved: x, A, B, s, the index and S (M x r).
     """
 
     @staticmethod
-    def forward(ctx, base, x, lora_A, lora_B, scaling, index):
-        S = torch.ops.fastlora.mixed_lora_fwd_cpp(x, lora_A, lora_B, scaling, index, base)
-        ctx.mark_dirty(base)
+    def forward(ctx, base, x, lora_A, lora_B, scaling, index, backend):
+        forward_op, _ = backend_ops(backend, x, "mixed_lora")
+        if torch.compiler.is_compiling():
+            base = base.clone()
+        else:
+            ctx.mark_dirty(base)
+        S = forward_op(x, lora_A, lora_B, scaling, index, base)
         ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S)
+        ctx.backend = backend
         return base
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, lora_A, lora_B, scaling, index, S = ctx.saved_tensors
+        _, backward_op = backend_ops(ctx.backend, dy, "mixed_lora")
         needs_dx = ctx.needs_input_grad[1]
-        dx = torch.zeros_like(x) if needs_dx else x.new_empty((0,))
-        dA, dB = torch.ops.fastlora.mixed_lora_bwd_cpp(dy.contiguous(), x, lora_A, lora_B, scaling, index, S, dx,
-                                                        needs_dx)
+        dx, dA, dB = backward_op(dy.contiguous(), x, lora_A, lora_B, scaling, index, S, needs_dx)
         return (dy, dx if needs_dx else None, dA if ctx.needs_input_grad[2] else None,
-                dB if ctx.needs_input_grad[3] else None, None, None)
+                dB if ctx.needs_input_grad[3] else None, None, None, None)
 
 
 def add_mixed_lora(
@@ -181,36 +132,26 @@ def add_mixed_lora(
 ) -> torch.Tensor:
     """``base`` (..., N) plus the rank-r part of ``multi_lora_linear``, scaling[i] *
     drop_i(x[m]) A[i]^T B[i]^T, shapes as there (a layer's base output plus its mixed
-    adapters). Eager calls without dropout run the backend's kernels: cpp's (forward and
-    backward), Triton's gathered shrink / expand (inference only: nothing needs a gradient);
-    every other call runs the torch path's segmented batched matmul."""
+    adapters), on the backend's registered mixed op."""
     _check_tensor("x", x)
     scaling = torch.as_tensor(scaling, dtype=torch.float32, device=x.device)
     validate_mixed(x, lora_A, lora_B, scaling, adapter_index)
-    rows = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+    rows = x.reshape(-1, x.shape[-1])
     out = base.reshape(-1, base.shape[-1])
-    index = adapter_index.long()
+    index = adapter_index.long().contiguous()
     rates = [float(dropout_p)] * lora_A.shape[0] if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
     if len(rates) != lora_A.shape[0] or not all(0.0 <= p < 1.0 for p in rates):
         raise ValueError(f"dropout_p must be one rate in [0, 1) or one per adapter ({lora_A.shape[0]}), got {dropout_p!r}")
-    dropout = training and any(rates)
-    eager = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1]) if eager and not dropout else "torch"
-    trains = torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, lora_A, lora_B))
-    if backend == "triton" and not trains:
-        from fastlora.ops.mixed_triton import add_mixed_lora_triton
-
-        return add_mixed_lora_triton(out, rows, lora_A, lora_B, scaling, index).reshape(base.shape)
-    if backend == "cpp":
-        from fastlora.ops import cpp_ops
-
-        cpp_ops.load()
-        out = MixedLoRAFunction.apply(out.contiguous(), rows.contiguous(), lora_A.contiguous(), lora_B.contiguous(),
-                                      scaling, index)
-        return out.reshape(base.shape)
-    if dropout:
+    if training and any(rates):
         row_rate = torch.tensor(rates + [0.0], device=x.device)[torch.where(index < 0, len(rates), index)]
         keep = torch.rand(rows.shape, device=x.device) >= row_rate[:, None]
         rows = rows * keep / (1.0 - row_rate[:, None]).to(rows.dtype)
-    term = multi_lora_term(rows, lora_A, lora_B, scaling, index)
-    return (out + term.to(out.dtype)).reshape(base.shape)
+    if x.dtype == torch.float64 or torch._C._are_functorch_transforms_active():
+        from fastlora.ops.mixed_torch import mixed_term
+
+        term, _ = mixed_term(rows.to(lora_A.dtype), lora_A, lora_B, scaling, index)
+        return (out + term.to(out.dtype)).reshape(base.shape)
+    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1])
+    if backend == "cpp":
+        rows, out, lora_A, lora_B = rows.contiguous(), out.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    return MixedLoRAFunction.apply(out, rows, lora_A, lora_B, scaling, index, backend).reshape(base.shape)

@@ -18,9 +18,9 @@ from fastlora.ops.dequant import dequantize
 from fastlora.ops.lora_linear import (
     _check_tensor,
     _flatten_rows,
-    _ops,
     apply_below_autocast,
     autocast_dtype,
+    backend_ops,
     dropout_seed,
     input_gradients,
     validate,
@@ -60,7 +60,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         if in_gemm:
             y, S, keep_bits = triton_ops.decode_forward_4bit(x, weight, bias, lora_A, lora_B, scaling)
         else:
-            forward_op, _ = _ops(backend, x)
+            forward_op, _ = backend_ops(backend, x)
             dense = dequantize(weight, x.dtype, backend)
             y, S, keep_bits = forward_op(x, dense, bias, lora_A, lora_B, scaling, dropout_p, seed, False)
         ctx.save_for_backward(x, lora_A, lora_B, S, keep_bits, seed)
@@ -75,7 +75,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
-        _, backward_op = _ops(ctx.backend, dy)
+        _, backward_op = backend_ops(ctx.backend, dy)
         dense = dequantize(ctx.weight, x.dtype, ctx.backend)
         return input_gradients(ctx, backward_op, dy, x, dense, lora_A, lora_B, S, keep_bits, seed, False, trailing=4)
 

@@ -17,6 +17,16 @@ k % 8 of byte [m, k // 8] for element (m, k), drawn once by the forward and read
 backward: ``triton`` and ``cpp`` draw it from ``seed`` (kernels/dropout.py and csrc/philox.h
 give the same bits), ``torch`` from torch's generator (its seed is None). An empty uint8 tensor
 without dropout. Dropout is on iff dropout_p > 0 (lora_linear passes 0 outside training).
+
+Mixed batches (fastlora/ops/multi_lora.py) have their own pair, ``mixed_lora_fwd_<backend>`` /
+``mixed_lora_bwd_<backend>``, for one adapter per row (index[m] = -1: none):
+Forward:  (x (M, K), lora_A (n, r, K), lora_B (n, N, r), scaling (n,) float32, index (M,)
+           int64, y (M, N) holding the base output, written in place)
+          -> S = scaling[i] x A_i^T per row (M, r) float32 (zeros for rows without an adapter),
+             after y[m] += S[m] B_i^T
+Backward: (dy (M, N), x, lora_A, lora_B, scaling, index, S, needs_dx)
+          -> dx (M, K) (empty when not needed), dA (n, r, K), dB (n, N, r), each adapter's
+             from its own rows only.
 """
 
 from __future__ import annotations
@@ -94,9 +104,36 @@ def fake_backward(
     )
 
 
+MIXED_FORWARD_SCHEMA = "(Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor(a!) y) -> Tensor"
+MIXED_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor lora_A, Tensor lora_B, Tensor scaling, Tensor index, Tensor S, bool needs_dx) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+def fake_mixed_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
+                       index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32)
+
+
+def fake_mixed_backward(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        scaling: torch.Tensor, index: torch.Tensor, S: torch.Tensor,
+                        needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return empty_gradient(x, needs_dx), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
 def define_ops(backend: str) -> None:
     """Define ``fastlora::lora_fwd_<backend>`` / ``lora_bwd_<backend>`` with their fake kernels."""
     for kind, schema, fake in (("fwd", FORWARD_SCHEMA, fake_forward), ("bwd", BACKWARD_SCHEMA, fake_backward)):
         name = f"fastlora::lora_{kind}_{backend}"
+        torch.library.define(name, schema)
+        torch.library.register_fake(name, fake)
+
+
+def define_mixed_ops(backend: str) -> None:
+    """Define ``fastlora::mixed_lora_fwd_<backend>`` / ``mixed_lora_bwd_<backend>`` with their fake kernels."""
+    for kind, schema, fake in (("fwd", MIXED_FORWARD_SCHEMA, fake_mixed_forward),
+                               ("bwd", MIXED_BACKWARD_SCHEMA, fake_mixed_backward)):
+        name = f"fastlora::mixed_lora_{kind}_{backend}"
         torch.library.define(name, schema)
         torch.library.register_fake(name, fake)
