@@ -158,7 +158,8 @@ class Linear(nn.Linear, LoRALayer):
 
     Several adapters: the layer's own lora_A / lora_B are the adapter "default"; ``add_adapter``
     keeps more in ``lora_adapters`` (``NamedAdapter``, each with its own rank and alpha), and
-    ``active_adapter`` names the one the forward runs (None: the base layer alone).
+    ``active_adapter`` names the one the forward runs (None: the base layer alone), or lists
+    several, whose terms the forward adds up (PEFT's ``set_adapter([...])``).
     """
 
     def __init__(
@@ -303,12 +304,35 @@ class Linear(nn.Linear, LoRALayer):
         adapter = named[name]
         return adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.lora_dropout_p
 
+    def active_names(self) -> list[str]:
+        """The active adapters this layer holds: none, one, or several (their terms add up)."""
+        active = self.active_adapter
+        names = [] if active is None else [active] if isinstance(active, str) else list(active)
+        return [name for name in names if name in self.adapter_names()]
+
     def active_lora(self) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
-        """The active adapter's (lora_A, lora_B, scaling, dropout rate), or None (base only)."""
-        name = self.active_adapter
-        if name is None or name not in self.adapter_names():
-            return None
-        return self.adapter(name)
+        """The active adapter's (lora_A, lora_B, scaling, dropout rate), or None (base only);
+        ValueError when several are active (merging folds in one adapter)."""
+        names = self.active_names()
+        if len(names) > 1:
+            raise ValueError(f"several adapters are active ({names}); merging folds in one: "
+                             "fastlora.set_adapter(model, name) first")
+        return self.adapter(names[0]) if names else None
+
+    def add_several(self, base: torch.Tensor, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``base`` plus the terms of several active adapters, scaling_i * drop_i(x) A_i^T B_i^T
+        each with its own dropout, in plain torch ops (in the adapters' dtype)."""
+        y = base
+        for name in names:
+            lora_A, lora_B, scaling, dropout_p = self.adapter(name)
+            dropped = F.dropout(x.to(lora_A.dtype), dropout_p, self.training)
+            y = y + (F.linear(F.linear(dropped, lora_A), lora_B) * scaling).to(base.dtype)
+        return y
+
+    def _train_merge(self, mode: bool) -> None:
+        """loralib's rule (merge on eval()), except with several adapters active: those stay unmerged."""
+        if len(self.active_names()) <= 1:
+            LoRALayer._train_merge(self, mode)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
                     dtype: torch.dtype | None = None) -> NamedAdapter:
@@ -337,11 +361,14 @@ class Linear(nn.Linear, LoRALayer):
                              "delete the named ones, or fastlora.merge_and_unload the model")
         if name not in getattr(self, "lora_adapters", {}):
             raise KeyError(f"this layer has no adapter {name!r}; it has {self.adapter_names()}")
-        if self.merged and self.active_adapter == name:
+        if self.merged and name in self.active_names():
             raise ValueError(f"adapter {name!r} is merged into the weight: unmerge first")
         del self.lora_adapters[name]
-        if self.active_adapter == name:
+        remaining = [n for n in self.active_names() if n != name]
+        if name == self.active_adapter or not remaining:
             self.active_adapter = DEFAULT_ADAPTER
+        elif not isinstance(self.active_adapter, str):
+            self.active_adapter = remaining if len(remaining) > 1 else remaining[0]
 
     def mixed_batch_names(self) -> list[str] | None:
         """The adapter names of the mixed batch this forward runs, or None (a plain batch).
@@ -418,6 +445,10 @@ class Linear(nn.Linear, LoRALayer):
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
                 self.lora_dropout_p, self.training, self.fan_in_fan_out,
             )
+        several = self.active_names() if not self.merged else []
+        if len(several) > 1:
+            return self.add_several(F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias),
+                                    x, several)
         active = self.active_lora() if not self.merged else None
         if active is not None:
             lora_A, lora_B, scaling, dropout_p = active
@@ -565,9 +596,12 @@ class Linear4bit(Linear):
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
         names = self.mixed_batch_names()
-        active = self.active_lora() if not self.merged else None
+        several = self.active_names() if not self.merged else []
+        active = self.active_lora() if len(several) == 1 else None
         if names is not None:
             y = self.add_mixed(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, names)
+        elif len(several) > 1:
+            y = self.add_several(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, several)
         elif active is not None:
             lora_A, lora_B, scaling, dropout_p = active
             y = qlora_linear(x_compute, self.weight_4bit(), bias, lora_A, lora_B, scaling, dropout_p, self.training)

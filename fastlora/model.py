@@ -267,20 +267,28 @@ def _known_adapter(model: nn.Module, name: object) -> str:
     return name
 
 
-def set_adapter(model: nn.Module, name: str) -> nn.Module:
+def set_adapter(model: nn.Module, name: str | list[str]) -> nn.Module:
     """Make adapter ``name`` the one every LoRA layer runs (a layer without it runs its base
     alone), as PEFT's ``set_adapter``: its A and B train, every other adapter's are frozen.
-    ValueError for an unknown name or a merged layer (unmerge first); nothing changes then."""
-    _known_adapter(model, name)
+    A list of names makes them all active, as PEFT's: each layer adds up the terms of those it
+    holds (each with its own scaling and dropout), they all train, and merging is refused
+    until one is set. ValueError for an unknown or repeated name or a merged layer (unmerge
+    first); nothing changes then."""
+    names = [name] if isinstance(name, str) else name
+    if not isinstance(names, (list, tuple)) or not names or len(set(names)) != len(names):
+        raise ValueError(f"set_adapter takes an adapter name or a list of distinct names, got {name!r}")
+    for each in names:
+        _known_adapter(model, each)
     merged = [n for n, layer in adapter_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"layer {merged[0]!r} is merged: fastlora.unmerge(model) before switching adapters")
     for _, layer in adapter_layers(model):
-        layer.active_adapter = name if name in layer.adapter_names() else None
+        held = [each for each in names if each in layer.adapter_names()]
+        layer.active_adapter = None if not held else held[0] if len(held) == 1 else held
         for adapter in layer.adapter_names():
             lora_A, lora_B, _, _ = layer.adapter(adapter)
-            lora_A.requires_grad_(adapter == name)
-            lora_B.requires_grad_(adapter == name)
+            lora_A.requires_grad_(adapter in names)
+            lora_B.requires_grad_(adapter in names)
     return model
 
 
@@ -293,7 +301,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         raise ValueError("the default adapter is the layers' own lora_A / lora_B and cannot be deleted; "
                          "delete the named ones, or fastlora.merge_and_unload the model")
     holders = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapter_names()]
-    merged = [n for n, layer in holders if layer.merged and layer.active_adapter == name]
+    merged = [n for n, layer in holders if layer.merged and name in layer.active_names()]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into layer {merged[0]!r}: fastlora.unmerge(model) first")
     for _, layer in holders:
@@ -313,7 +321,12 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def _merge_layers(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> None:
-    """merge() for the given (name, layer) pairs of ``model``."""
+    """merge() for the given (name, layer) pairs of ``model``; ValueError, before any layer
+    changes, where several adapters are active."""
+    several = [(n, layer.active_names()) for n, layer in layers if isinstance(layer, Linear) and len(layer.active_names()) > 1]
+    if several:
+        raise ValueError(f"layer {several[0][0]!r} has several active adapters {several[0][1]}; merging folds in one: "
+                         "fastlora.set_adapter(model, name) first")
     for name, layer in layers:
         if not layer.merged:
             weight = layer._base_weight()

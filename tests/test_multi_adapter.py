@@ -99,6 +99,30 @@ def test_merge_folds_in_the_active_adapter(tmp_path):
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_several_active_adapters_add_up_as_peft_s_and_merging_them_is_refused(tmp_path):
+    theirs = peft_with_two_adapters()
+    theirs.save_pretrained(tmp_path)
+    ours = ours_from(tmp_path)
+    theirs.base_model.set_adapter(["default", "b"])
+    fastlora.set_adapter(ours, ["default", "b"])
+    ids = batch()["input_ids"]
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    ours(**batch()).loss.backward()
+    grads = lora_grads(ours)
+    assert any(".lora_adapters.b." in k for k in grads) and any(".lora_adapters." not in k for k in grads)
+    before = copy.deepcopy(ours.state_dict())
+    for merging in (fastlora.merge, fastlora.merge_and_unload):
+        with pytest.raises(ValueError, match="several active adapters"):
+            merging(ours)
+    ours.eval()  # loralib's merge on eval() leaves several active adapters unmerged
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="distinct"):
+        fastlora.set_adapter(ours, ["b", "b"])
+    fastlora.delete_adapter(ours, "b")
+    assert ours.model.layers[0].self_attn.q_proj.active_adapter == "default"
+
+
 def test_delete_adapter(tmp_path):
     ours = ours_from(_peft_folder(tmp_path))
     fastlora.set_adapter(ours, "b")
