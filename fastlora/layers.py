@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastlora.ops.dora_linear import dora_linear
 from fastlora.ops.dequant import dequantize
-from fastlora.mixed_batch import current_adapter_names
+from fastlora.mixed_batch import current_adapter_names, sample_adapter_index
 from fastlora.ops.dora_norm import weight_norm_torch
 from fastlora.ops.lora_linear import lora_linear
 from fastlora.ops.multi_lora import add_mixed_lora
@@ -398,11 +398,10 @@ class Linear(nn.Linear, LoRALayer):
         if not names or rows % len(names):
             raise ValueError(f"adapter_names has {len(names)} names for {rows} rows of x {tuple(x.shape)}: give one "
                              "name per sample of the batch")
-        local = self.adapter_names()
         lora_A, lora_B, scalings, rates = self.stacked_adapters()
-        per_sample = torch.tensor([local.index(n) if n in local else -1 for n in names], device=x.device)
-        return add_mixed_lora(base, x, lora_A, lora_B, scalings, per_sample.repeat_interleave(rows // len(names)),
-                              rates, self.training)
+        per_sample = sample_adapter_index(names, self.adapter_names(), x.device)
+        per_row = per_sample[:, None].expand(-1, rows // len(names)).reshape(-1)  # sample s: rows s*T .. (s+1)*T-1
+        return add_mixed_lora(base, x, lora_A, lora_B, scalings, per_row, rates, self.training)
 
     def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
         """Every adapter of the layer stacked, in ``adapter_names`` order: lora_A (n, r, in),
