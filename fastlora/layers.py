@@ -82,6 +82,7 @@ class LoRALayer:
         self.merged = False
         self.merge_weights = merge_weights
         self.active_adapter = "default"  # the adapter the forward runs (Linear: add_adapter / fastlora.set_adapter)
+        adapters_changed()
         if r > 0:
             self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
@@ -121,6 +122,13 @@ def refuse_dora(kind: str, kwargs: dict) -> None:
 
 DEFAULT_ADAPTER = "default"
 BASE_ONLY = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# bumped whenever a LoRA layer is built or replaced or gains / loses an adapter: what a cache of
+# a model's adapter names (mixed_batch.known_adapter_names) is checked against
+ADAPTER_CHANGES = [0]
+
+
+def adapters_changed() -> None:
+    ADAPTER_CHANGES[0] += 1
 
 
 def check_adapter_name(name: object) -> str:
@@ -349,6 +357,7 @@ class Linear(nn.Linear, LoRALayer):
             raise ValueError("several adapters on a DoRA layer (use_dora=True) are not supported")
         if not hasattr(self, "lora_adapters"):
             self.lora_adapters = nn.ModuleDict()
+        adapters_changed()
         self.lora_adapters[name] = NamedAdapter(r, lora_alpha, lora_dropout, use_rslora, self.in_features,
                                                 self.out_features, self.lora_A.device, dtype or self.lora_A.dtype)
         return self.lora_adapters[name]
@@ -364,6 +373,7 @@ class Linear(nn.Linear, LoRALayer):
         if self.merged and name in self.active_names():
             raise ValueError(f"adapter {name!r} is merged into the weight: unmerge first")
         del self.lora_adapters[name]
+        adapters_changed()
         remaining = [n for n in self.active_names() if n != name]
         if name == self.active_adapter or not remaining:
             self.active_adapter = DEFAULT_ADAPTER
@@ -401,14 +411,17 @@ class Linear(nn.Linear, LoRALayer):
         lora_A, lora_B, scalings, rates = self.stacked_adapters()
         per_sample = sample_adapter_index(names, self.adapter_names(), x.device)
         per_row = per_sample[:, None].expand(-1, rows // len(names)).reshape(-1)  # sample s: rows s*T .. (s+1)*T-1
-        return add_mixed_lora(base, x, lora_A, lora_B, scalings, per_row, rates, self.training)
+        return add_mixed_lora(base, x, lora_A, lora_B, scalings, per_row, rates, self.training, check_range=False)
 
     def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
         """Every adapter of the layer stacked, in ``adapter_names`` order: lora_A (n, r, in),
         lora_B (n, out, r) with smaller ranks zero-padded to the largest, scalings, dropout
         rates. Rebuilt while autograd must reach the adapters; otherwise kept until an adapter
         is added, removed or written to (tensor versions), so serving does not restack."""
-        adapters = [self.adapter(name) for name in self.adapter_names()]
+        named = self._modules.get("lora_adapters")
+        adapters = [(self.lora_A, self.lora_B, self.scaling, self.lora_dropout_p)] + [
+            (a._parameters["lora_A"], a._parameters["lora_B"], a.scaling, a.lora_dropout_p)
+            for a in (named._modules.values() if named is not None else ())]  # adapter_names order, without getattr
         trains = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
         key = tuple((id(a), a._version, id(b), b._version, s, p) for a, b, s, p in adapters)
         cached = self.__dict__.get("_stacked_adapters")

@@ -54,13 +54,26 @@ def sample_adapter_index(names: list[str], local: list[str], device: torch.devic
     return index
 
 
+def known_adapter_names(model: nn.Module) -> list[str]:
+    """``model.all_adapter_names(model)``, kept on the model until a LoRA layer is built or
+    replaced or an adapter added or deleted (``layers.ADAPTER_CHANGES``): a model call then
+    does not walk every module."""
+    from fastlora.layers import ADAPTER_CHANGES
+    from fastlora.model import all_adapter_names
+
+    cached = model.__dict__.get("_fastlora_adapter_names")
+    if cached is None or cached[0] != ADAPTER_CHANGES[0]:
+        cached = (ADAPTER_CHANGES[0], all_adapter_names(model))
+        model.__dict__["_fastlora_adapter_names"] = cached
+    return cached[1]
+
+
 def _take_adapter_names(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     from fastlora.layers import BASE_ONLY
-    from fastlora.model import all_adapter_names
 
     names = kwargs.pop("adapter_names", None)
     if names is not None:
-        known = all_adapter_names(model)
+        known = known_adapter_names(model)
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
             raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {names!r:.100}")
         unknown = sorted({n for n in names if n != BASE_ONLY and n not in known})

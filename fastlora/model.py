@@ -23,6 +23,7 @@ from fastlora.layers import (
     Linear4bit,
     LoRALayer,
     MergedLinear,
+    adapters_changed,
     as_dropout,
     bitsandbytes_module,
     check_4bit_base,
@@ -130,6 +131,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    adapters_changed()
 
 
 def find_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:

@@ -360,6 +360,21 @@ def test_mixed_batch_on_4bit_layers_matches_each_sample(tmp_path):
         torch.testing.assert_close(mixed[i:i + 1], ours(input_ids=ids[i:i + 1]).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_names_follow_adapters_added_and_deleted_after_a_call(tmp_path):
+    """The model's known adapter names are kept between calls, and renewed when an adapter is
+    added or deleted: a new name is taken, a deleted one refused."""
+    _, ours = mixed_models(tmp_path)
+    ids = torch.randint(0, 97, (2, 12))
+    ours(input_ids=ids, adapter_names=["b", "default"])
+    with pytest.raises(ValueError, match="unknown adapters \\['c'\\]"):
+        ours(input_ids=ids, adapter_names=["c", "default"])
+    ours.model.layers[0].self_attn.q_proj.add_adapter("c", 2, 4)
+    ours(input_ids=ids, adapter_names=["c", "default"])
+    fastlora.delete_adapter(ours, "c")
+    with pytest.raises(ValueError, match="unknown adapters \\['c'\\]"):
+        ours(input_ids=ids, adapter_names=["c", "default"])
+
+
 def test_bad_mixed_batches_are_refused(tmp_path):
     _, ours = mixed_models(tmp_path)
     ids = torch.randint(0, 97, (2, 12))

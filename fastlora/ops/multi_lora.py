@@ -31,10 +31,10 @@ from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops
 
 
 def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
-                   adapter_index: object) -> None:
-    """ValueError / TypeError naming the argument; the index's range is checked in eager mode
-    on a CPU only (on a GPU that would wait for the device, and a traced graph cannot branch
-    on it)."""
+                   adapter_index: object, check_range: bool = True) -> None:
+    """ValueError / TypeError naming the argument; the index's range is checked (unless the
+    caller built it: ``check_range=False``) in eager mode on a CPU only (on a GPU that would
+    wait for the device, and a traced graph cannot branch on it)."""
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         _check_tensor(name, t)
     if lora_A.dim() != 3 or lora_B.dim() != 3:
@@ -55,7 +55,7 @@ def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
     eager_cpu = adapter_index.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and rows and (adapter_index.min() < -1 or adapter_index.max() >= n):
+    if check_range and eager_cpu and rows and (adapter_index.min() < -1 or adapter_index.max() >= n):
         raise ValueError(f"adapter_index values must lie in [-1, {n}) (-1: no adapter), got "
                          f"{adapter_index.min().item()} .. {adapter_index.max().item()}")
 
@@ -129,13 +129,15 @@ def add_mixed_lora(
     adapter_index: torch.Tensor,
     dropout_p: list[float] | float = 0.0,
     training: bool = False,
+    check_range: bool = True,
 ) -> torch.Tensor:
     """``base`` (..., N) plus the rank-r part of ``multi_lora_linear``, scaling[i] *
     drop_i(x[m]) A[i]^T B[i]^T, shapes as there (a layer's base output plus its mixed
-    adapters), on the backend's registered mixed op."""
+    adapters), on the backend's registered mixed op; ``check_range=False`` for an index the
+    caller built (a layer's, from adapter names)."""
     _check_tensor("x", x)
     scaling = torch.as_tensor(scaling, dtype=torch.float32, device=x.device)
-    validate_mixed(x, lora_A, lora_B, scaling, adapter_index)
+    validate_mixed(x, lora_A, lora_B, scaling, adapter_index, check_range)
     rows = x.reshape(-1, x.shape[-1])
     out = base.reshape(-1, base.shape[-1])
     index = adapter_index.long().contiguous()
