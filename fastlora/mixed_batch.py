@@ -20,6 +20,8 @@ import types
 import torch
 import torch.nn as nn
 
+from fastlora.ops.host_values import on_device
+
 _local = threading.local()
 HOOKED = "_fastlora_adapter_names_hooks"
 
@@ -30,28 +32,12 @@ def current_adapter_names() -> list[str] | None:
     return stack[-1] if stack else None
 
 
-_SAMPLE_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
-_SAMPLE_INDEX_CACHE_SIZE = 64
-
-
 def sample_adapter_index(names: list[str], local: list[str], device: torch.device) -> torch.Tensor:
     """(samples,) int64 on ``device``: each sample's position in a layer's adapters ``local``
-    (-1 where the layer lacks it, or for "__base__"). Layers with the same adapters share one
-    tensor, and ``generate``'s steps reuse it: a few host-to-device copies per batch rather
-    than one per layer, each from pinned memory without waiting for the device."""
-    key = (tuple(names), tuple(local), device)
-    index = _SAMPLE_INDEX_CACHE.get(key)
-    if index is None:
-        positions = {name: i for i, name in enumerate(local)}
-        index = torch.tensor([positions.get(name, -1) for name in names], dtype=torch.long)
-        if device.type == "cuda":
-            index = index.pin_memory().to(device, non_blocking=True)
-        else:
-            index = index.to(device)
-        if len(_SAMPLE_INDEX_CACHE) >= _SAMPLE_INDEX_CACHE_SIZE:
-            _SAMPLE_INDEX_CACHE.clear()
-        _SAMPLE_INDEX_CACHE[key] = index
-    return index
+    (-1 where the layer lacks it, or for "__base__"); layers with the same adapters and
+    ``generate``'s steps share one tensor (ops/host_values.py: no host-device sync)."""
+    positions = {name: i for i, name in enumerate(local)}
+    return on_device(tuple(positions.get(name, -1) for name in names), torch.long, device)
 
 
 def known_adapter_names(model: nn.Module) -> list[str]:

@@ -320,6 +320,44 @@ def test_mixed_batch_trains_each_adapter_from_its_own_rows_only(tmp_path):
     assert any(not torch.allclose(second[k], first[k]) for k in default_keys)
 
 
+@pytest.mark.parametrize("backend", __import__("lora_cases").available_backends("cpu"))
+def test_mixed_dropout_saves_no_input_sized_tensor_and_matches_its_mask(backend):
+    """With dropout the mixed op keeps the keep-mask as bits (M x K / 8 bytes) and x itself (the
+    caller's), nothing else of x's size; output and gradients equal the reference run on the
+    rows that mask drops (read back from the bits the op saved)."""
+    from fastlora.ops.torch_ops import unpack_keep_bits
+
+    g = torch.Generator().manual_seed(11)
+    M, K, N, n, r = 48, 32, 24, 3, 4
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    weight = torch.randn(N, K, generator=g) / K**0.5
+    lora_A = (torch.randn(n, r, K, generator=g) / K**0.5).requires_grad_()
+    lora_B = torch.randn(n, N, r, generator=g).requires_grad_()
+    scaling, rates = [1.0, 2.0, 0.5], [0.3, 0.0, 0.6]
+    index = torch.randint(-1, n, (M,), generator=g)
+    saved = []
+    with fastlora.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                                  lambda t: t):
+        y = fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, scaling, index, rates, training=True)
+    input_sized = [t for t in saved if t.numel() >= M * K]
+    assert input_sized and all(t.data_ptr() == x.data_ptr() for t in input_sized)  # the base GEMM's and ours
+    (bits,) = [t for t in saved if t.dtype == torch.uint8 and tuple(t.shape) == (M, K // 8)]
+    keep = unpack_keep_bits(bits, K)
+    row_rate = torch.tensor(rates + [0.0])[torch.where(index < 0, n, index)]
+    assert not keep[row_rate == 0].logical_not().any() and keep[row_rate == 0.6].float().mean() < 0.6
+    dy = torch.randn(M, N, generator=g)
+    ours = torch.autograd.grad(y, (x, lora_A, lora_B), dy)
+    x_ref = x.detach().clone().requires_grad_()
+    dropped = x_ref * keep / (1 - row_rate[:, None])
+    rows = [torch.nn.functional.linear(x_ref[m:m + 1], weight) if i < 0 else
+            torch.nn.functional.linear(x_ref[m:m + 1], weight)
+            + scaling[i] * dropped[m:m + 1] @ lora_A[i].t() @ lora_B[i].t() for m, i in enumerate(index.tolist())]
+    expected = torch.cat(rows)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(ours, torch.autograd.grad(expected, (x_ref, lora_A, lora_B), dy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_mixed_batch_trains_the_same_under_gradient_checkpointing(tmp_path, use_reentrant):
     """Hugging Face's activation checkpointing recomputes each layer inside the backward, outside

@@ -15,9 +15,10 @@ batched matmul on the tile layout (mixed_layout.py); triton (mixed_triton.py,
 kernels/mixed_lora.py): a gathered shrink and expand forward, and four launches backward;
 cpp (csrc/mixed_lora_cpu.cpp): rows sorted by adapter once, a GEMM pair per adapter with
 many rows and dot products for the rows of adapters with few. None loops over adapters in
-Python. Dropout draws each row's mask at its adapter's rate in torch before the op (autograd
-then keeps the mask, M x K). float64 and torch.func transforms run the torch path's math in
-plain autograd.
+Python. Dropout draws each row's keep-mask at its adapter's rate in torch, keeps it as bits
+(M x K / 8 bytes) and hands the op the dropped rows as a temporary, formed again in the
+backward: nothing M x K is saved. float64 and torch.func transforms run the torch path's
+math in plain autograd.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fastlora import _backend
+from fastlora.ops.host_values import on_device
 from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops
+from fastlora.ops.torch_ops import pack_keep_bits, unpack_keep_bits
 
 
 def validate_mixed(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
@@ -86,38 +89,52 @@ def multi_lora_linear(
     return add_mixed_lora(F.linear(x, w, bias), x, lora_A, lora_B, scaling, adapter_index, dropout_p, training)
 
 
+def dropped_rows(x: torch.Tensor, keep_bits: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) * keep / (1 - p_m): the rows as each one's adapter's dropout sees them."""
+    return x * unpack_keep_bits(keep_bits, x.shape[1]) * row_scale[:, None].to(x.dtype)
+
+
 class MixedLoRAFunction(torch.autograd.Function):
-    """y = base + s_i x A_i^T B_i^T per row (i = index[m]; nothing for -1) on a backend's mixed
-    op, added into ``base`` in place (into a copy of it while torch.compile traces, which does
-    not take an in-place autograd.Function).
+    """y = base + s_i drop_i(x) A_i^T B_i^T per row (i = index[m]; nothing for -1) on a backend's
+    mixed op, added into ``base`` in place (into a copy of it while torch.compile traces, which
+    does not take an in-place autograd.Function).
 
     Shapes: base, dy (M, N); x (M, K); A (n, r, K); B (n, N, r); s (n,). With S_i = s_i x_i A_i^T
     for the rows x_i of adapter i and G_i = s_i dy_i B_i:
       d base = dy;  dx_i = G_i A_i;  dA_i = G_i^T x_i;  dB_i = dy_i^T S_i,
-    each adapter's gradients from its own rows only. Saved: x, A, B, s, the index and S (M x r).
+    each adapter's gradients from its own rows only. Dropout: keep_bits (M, ceil(K / 8)) uint8
+    and row_scale (M,) = 1 / (1 - p_m) (empty tensors without dropout); x is replaced by
+    x * keep * row_scale, formed as a temporary in the forward and again in the backward, and
+    dx by dx * keep * row_scale. Saved: x (the caller's), A, B, s, the index, S (M x r) and the
+    keep bits (M x K / 8 bytes): no M x K tensor of its own.
     """
 
     @staticmethod
-    def forward(ctx, base, x, lora_A, lora_B, scaling, index, backend):
+    def forward(ctx, base, x, lora_A, lora_B, scaling, index, keep_bits, row_scale, backend):
         forward_op, _ = backend_ops(backend, x, "mixed_lora")
         if torch.compiler.is_compiling():
             base = base.clone()
         else:
             ctx.mark_dirty(base)
-        S = forward_op(x, lora_A, lora_B, scaling, index, base)
-        ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S)
+        dropout = keep_bits.numel() > 0
+        S = forward_op(dropped_rows(x, keep_bits, row_scale) if dropout else x, lora_A, lora_B, scaling, index, base)
+        ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale)
         ctx.backend = backend
         return base
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, lora_A, lora_B, scaling, index, S = ctx.saved_tensors
+        x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale = ctx.saved_tensors
         _, backward_op = backend_ops(ctx.backend, dy, "mixed_lora")
         needs_dx = ctx.needs_input_grad[1]
-        dx, dA, dB = backward_op(dy.contiguous(), x, lora_A, lora_B, scaling, index, S, needs_dx)
+        dropout = keep_bits.numel() > 0
+        rows = dropped_rows(x, keep_bits, row_scale) if dropout else x
+        dx, dA, dB = backward_op(dy.contiguous(), rows, lora_A, lora_B, scaling, index, S, needs_dx)
+        if needs_dx and dropout:
+            dx = dropped_rows(dx, keep_bits, row_scale)
         return (dy, dx if needs_dx else None, dA if ctx.needs_input_grad[2] else None,
-                dB if ctx.needs_input_grad[3] else None, None, None, None)
+                dB if ctx.needs_input_grad[3] else None, None, None, None, None, None)
 
 
 def add_mixed_lora(
@@ -134,26 +151,34 @@ def add_mixed_lora(
     """``base`` (..., N) plus the rank-r part of ``multi_lora_linear``, scaling[i] *
     drop_i(x[m]) A[i]^T B[i]^T, shapes as there (a layer's base output plus its mixed
     adapters), on the backend's registered mixed op; ``check_range=False`` for an index the
-    caller built (a layer's, from adapter names)."""
+    caller built (a layer's, from adapter names). Dropout draws each row's keep-mask at its
+    adapter's rate from torch's generator (no sync; replayed by activation checkpointing)."""
     _check_tensor("x", x)
-    scaling = torch.as_tensor(scaling, dtype=torch.float32, device=x.device)
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.to(device=x.device, dtype=torch.float32)
+    else:
+        scaling = on_device(tuple(float(s) for s in scaling), torch.float32, x.device)
     validate_mixed(x, lora_A, lora_B, scaling, adapter_index, check_range)
     rows = x.reshape(-1, x.shape[-1])
     out = base.reshape(-1, base.shape[-1])
     index = adapter_index.long().contiguous()
-    rates = [float(dropout_p)] * lora_A.shape[0] if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
-    if len(rates) != lora_A.shape[0] or not all(0.0 <= p < 1.0 for p in rates):
-        raise ValueError(f"dropout_p must be one rate in [0, 1) or one per adapter ({lora_A.shape[0]}), got {dropout_p!r}")
+    n = lora_A.shape[0]
+    rates = [float(dropout_p)] * n if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
+    if len(rates) != n or not all(0.0 <= p < 1.0 for p in rates):
+        raise ValueError(f"dropout_p must be one rate in [0, 1) or one per adapter ({n}), got {dropout_p!r}")
+    keep_bits, row_scale = rows.new_empty((0,), dtype=torch.uint8), rows.new_empty((0,), dtype=torch.float32)
     if training and any(rates):
-        row_rate = torch.tensor(rates + [0.0], device=x.device)[torch.where(index < 0, len(rates), index)]
-        keep = torch.rand(rows.shape, device=x.device) >= row_rate[:, None]
-        rows = rows * keep / (1.0 - row_rate[:, None]).to(rows.dtype)
+        row_rate = on_device(tuple(rates) + (0.0,), torch.float32, x.device)[torch.where(index < 0, n, index)]
+        keep_bits = pack_keep_bits(torch.rand(rows.shape, device=x.device) >= row_rate[:, None])
+        row_scale = 1.0 / (1.0 - row_rate)
     if x.dtype == torch.float64 or torch._C._are_functorch_transforms_active():
         from fastlora.ops.mixed_torch import mixed_term
 
-        term, _ = mixed_term(rows.to(lora_A.dtype), lora_A, lora_B, scaling, index)
+        dropped = dropped_rows(rows, keep_bits, row_scale) if keep_bits.numel() else rows
+        term, _ = mixed_term(dropped.to(lora_A.dtype), lora_A, lora_B, scaling, index)
         return (out + term.to(out.dtype)).reshape(base.shape)
     backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1])
     if backend == "cpp":
         rows, out, lora_A, lora_B = rows.contiguous(), out.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    return MixedLoRAFunction.apply(out, rows, lora_A, lora_B, scaling, index, backend).reshape(base.shape)
+    return MixedLoRAFunction.apply(out, rows, lora_A, lora_B, scaling, index, keep_bits, row_scale,
+                                   backend).reshape(base.shape)
