@@ -457,13 +457,12 @@ class Linear(nn.Linear, LoRALayer):
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
                 self.lora_dropout_p, self.training, self.fan_in_fan_out,
             )
-        several = self.active_names() if not self.merged else []
-        if len(several) > 1:
+        active = self.active_names() if not self.merged else []
+        if len(active) > 1:
             return self.add_several(F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias),
-                                    x, several)
-        active = self.active_lora() if not self.merged else None
-        if active is not None:
-            lora_A, lora_B, scaling, dropout_p = active
+                                    x, active)
+        if active:
+            lora_A, lora_B, scaling, dropout_p = self.adapter(active[0])
             return lora_linear(x, self.weight, self.bias, lora_A, lora_B, scaling, dropout_p, self.training,
                                self.fan_in_fan_out)
         return F.linear(x, _fan_in_fan_out_view(self.weight, self.fan_in_fan_out), self.bias)
@@ -608,14 +607,13 @@ class Linear4bit(Linear):
         x_compute = x.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
         names = self.mixed_batch_names()
-        several = self.active_names() if not self.merged else []
-        active = self.active_lora() if len(several) == 1 else None
+        active = self.active_names() if not self.merged else []
         if names is not None:
             y = self.add_mixed(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, names)
-        elif len(several) > 1:
-            y = self.add_several(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, several)
-        elif active is not None:
-            lora_A, lora_B, scaling, dropout_p = active
+        elif len(active) > 1:
+            y = self.add_several(linear_4bit(x_compute, self.weight_4bit(), bias), x_compute, active)
+        elif active:
+            lora_A, lora_B, scaling, dropout_p = self.adapter(active[0])
             y = qlora_linear(x_compute, self.weight_4bit(), bias, lora_A, lora_B, scaling, dropout_p, self.training)
         else:
             y = linear_4bit(x_compute, self.weight_4bit(), bias)

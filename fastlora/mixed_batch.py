@@ -41,7 +41,7 @@ def sample_adapter_index(names: list[str], local: list[str], device: torch.devic
 
 
 def known_adapter_names(model: nn.Module) -> list[str]:
-    """``model.all_adapter_names(model)``, kept on the model until a LoRA layer is built or
+    """``fastlora.model.all_adapter_names(model)``, kept on the model until a LoRA layer is built or
     replaced or an adapter added or deleted (``layers.ADAPTER_CHANGES``): a model call then
     does not walk every module."""
     from fastlora.layers import ADAPTER_CHANGES
