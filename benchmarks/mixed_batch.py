@@ -86,6 +86,16 @@ def loop_forward(model: nn.Module, x: torch.Tensor, index: torch.Tensor, names: 
     return y
 
 
+def timed(call, device: str, budget_s: float) -> dict:
+    """A row's timing columns for ``call``: status ok, median / p20 / p80 ms and peak memory."""
+    if device == "cuda":
+        median, p20, p80, _ = harness.time_cuda(call, use_graph=False)
+    else:
+        median, p20, p80 = harness.time_cpu(call, budget_s=budget_s)
+    return {"status": "ok", "median_ms": median, "p20_ms": p20, "p80_ms": p80,
+            "peak_mem_bytes": harness.peak_memory_bytes(call, device)}
+
+
 def run_case(M: int, adapters: int, K: int, N: int, r: int, device: str, dtype: torch.dtype, budget_s: float) -> list[dict]:
     theirs, ours, names = build(adapters, K, N, r, device, dtype)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -106,12 +116,7 @@ def run_case(M: int, adapters: int, K: int, N: int, r: int, device: str, dtype: 
             if name in ("fastlora", "loop") and not torch.allclose(call(), expected, rtol=tolerance, atol=tolerance):
                 rows.append({**row, "status": "wrong"})
                 continue
-            if device == "cuda":
-                median, p20, p80, _ = harness.time_cuda(call, use_graph=False)
-            else:
-                median, p20, p80 = harness.time_cpu(call, budget_s=budget_s)
-            rows.append({**row, "status": "ok", "median_ms": median, "p20_ms": p20, "p80_ms": p80,
-                         "peak_mem_bytes": harness.peak_memory_bytes(call, device)})
+            rows.append({**row, **timed(call, device, budget_s)})
     times = {row["provider"]: row["median_ms"] for row in rows if row["status"] == "ok"}
     for row in rows:
         if row["status"] == "ok":
@@ -150,19 +155,13 @@ def run_training_case(M: int, adapters: int, K: int, N: int, r: int, device: str
         rows = (index == i).nonzero().squeeze(1)
         y = fastlora.lora_linear(x[rows], layer.weight, layer.bias, lora_A, lora_B, scaling)
         expected = torch.autograd.grad(y.square().sum() / (M * N), (lora_A, lora_B))
-        position = layer.adapter_names().index(name)
-        got = mixed[2 * position:2 * position + 2]
+        got = mixed[2 * i:2 * i + 2]  # named_parameters order: default, then the named adapters as added
         if not all(torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max()) for a, b in zip(got, expected)):
             return [{"provider": "fastlora-train", "M": M, "K": K, "N": N, "r": r, "adapters": adapters, "status": "wrong"}]
     calls = {"one-adapter-train": lambda: train_step(ours, x, None), "fastlora-train": lambda: train_step(ours, x, row_names)}
     rows = []
     for name, call in calls.items():
-        if device == "cuda":
-            median, p20, p80, _ = harness.time_cuda(call, use_graph=False)
-        else:
-            median, p20, p80 = harness.time_cpu(call, budget_s=budget_s)
-        rows.append({"provider": name, "M": M, "K": K, "N": N, "r": r, "adapters": adapters, "status": "ok",
-                     "median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_bytes": harness.peak_memory_bytes(call, device)})
+        rows.append({"provider": name, "M": M, "K": K, "N": N, "r": r, "adapters": adapters, **timed(call, device, budget_s)})
     for row in rows:
         row["vs_one_adapter"] = row["median_ms"] / rows[0]["median_ms"]
     return rows

@@ -438,6 +438,19 @@ def test_bad_mixed_batches_are_refused(tmp_path):
         fastlora.multi_lora_linear(x, weight, None, lora_A, torch.randn(2, 6, 4), scaling, torch.zeros(5, dtype=torch.long))
 
 
+def traced_code(fn, *args) -> str:
+    """The code of the graph torch.compile(fullgraph=True) traces for fn(*args), subgraphs included."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append("\n".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend=recording)(*args)
+    return graphs[0]
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_mixed_batch_op_compiles_without_graph_breaks(backend):
     """torch.compile(fullgraph=True) takes the backend's registered mixed op (its fake kernel
@@ -449,17 +462,9 @@ def test_mixed_batch_op_compiles_without_graph_breaks(backend):
     lora_A = torch.randn(3, 4, 16, generator=g, requires_grad=True)
     lora_B = torch.randn(3, 12, 4, generator=g, requires_grad=True)
     index = torch.randint(-1, 3, (40,), generator=g)
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append("\n".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
-        return gm.forward
-
-    torch._dynamo.reset()
     with fastlora.use_backend(backend):
-        torch.compile(fastlora.multi_lora_linear, fullgraph=True, backend=recording)(
-            x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
-        assert f"fastlora.mixed_lora_fwd_{backend}" in graphs[0]
+        code = traced_code(fastlora.multi_lora_linear, x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
+        assert f"fastlora.mixed_lora_fwd_{backend}" in code
         y = torch.compile(fastlora.multi_lora_linear, fullgraph=True)(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
         expected = fastlora.multi_lora_linear(x, weight, None, lora_A, lora_B, [1.0, 2.0, 0.5], index)
     torch.testing.assert_close(y, expected)

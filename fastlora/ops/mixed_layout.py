@@ -19,7 +19,7 @@ MAX_TILE_ROWS = 64
 
 class TileLayout(NamedTuple):
     """position (M,): row m's position; tile_adapter (tiles,): each tile's adapter (n: none);
-    source (tiles * T,): the row at each position; valid (tiles * T,) bool: not padding;
+    source (tiles * T,): the row at each position; valid (tiles * T,) uint8: 1 where not padding;
     tile_start (n + 1,): adapter i's tiles are tile_start[i] .. tile_start[i + 1] - 1."""
 
     position: torch.Tensor
@@ -57,6 +57,6 @@ def tile_layout(index: torch.Tensor, adapters: int, tile: int) -> TileLayout:
     tile_adapter = torch.searchsorted(padded_end, first_positions, right=True).clamp_(max=adapters)
     source = torch.zeros(tiles * tile, dtype=torch.long, device=device).index_copy_(
         0, position, torch.arange(rows, device=device))
-    valid = torch.zeros(tiles * tile, dtype=torch.bool, device=device).index_fill_(0, position, True)
+    valid = torch.zeros(tiles * tile, dtype=torch.uint8, device=device).index_fill_(0, position, 1)
     tile_start = (padded_end - padded) // tile
     return TileLayout(position, tile_adapter, source, valid, tile_start, tile, tiles)

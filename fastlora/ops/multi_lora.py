@@ -90,7 +90,10 @@ def multi_lora_linear(
 
 
 def dropped_rows(x: torch.Tensor, keep_bits: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) * keep / (1 - p_m): the rows as each one's adapter's dropout sees them."""
+    """x (M, K) * keep / (1 - p_m): the rows as each one's adapter's dropout sees them (x itself
+    without dropout: empty keep_bits)."""
+    if keep_bits.numel() == 0:
+        return x
     return x * unpack_keep_bits(keep_bits, x.shape[1]) * row_scale[:, None].to(x.dtype)
 
 
@@ -116,8 +119,7 @@ class MixedLoRAFunction(torch.autograd.Function):
             base = base.clone()
         else:
             ctx.mark_dirty(base)
-        dropout = keep_bits.numel() > 0
-        S = forward_op(dropped_rows(x, keep_bits, row_scale) if dropout else x, lora_A, lora_B, scaling, index, base)
+        S = forward_op(dropped_rows(x, keep_bits, row_scale), lora_A, lora_B, scaling, index, base)
         ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale)
         ctx.backend = backend
         return base
@@ -128,10 +130,9 @@ class MixedLoRAFunction(torch.autograd.Function):
         x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale = ctx.saved_tensors
         _, backward_op = backend_ops(ctx.backend, dy, "mixed_lora")
         needs_dx = ctx.needs_input_grad[1]
-        dropout = keep_bits.numel() > 0
-        rows = dropped_rows(x, keep_bits, row_scale) if dropout else x
+        rows = dropped_rows(x, keep_bits, row_scale)
         dx, dA, dB = backward_op(dy.contiguous(), rows, lora_A, lora_B, scaling, index, S, needs_dx)
-        if needs_dx and dropout:
+        if needs_dx:
             dx = dropped_rows(dx, keep_bits, row_scale)
         return (dy, dx if needs_dx else None, dA if ctx.needs_input_grad[2] else None,
                 dB if ctx.needs_input_grad[3] else None, None, None, None, None, None)
@@ -174,8 +175,7 @@ def add_mixed_lora(
     if x.dtype == torch.float64 or torch._C._are_functorch_transforms_active():
         from fastlora.ops.mixed_torch import mixed_term
 
-        dropped = dropped_rows(rows, keep_bits, row_scale) if keep_bits.numel() else rows
-        term, _ = mixed_term(dropped.to(lora_A.dtype), lora_A, lora_B, scaling, index)
+        term, _ = mixed_term(dropped_rows(rows, keep_bits, row_scale).to(lora_A.dtype), lora_A, lora_B, scaling, index)
         return (out + term.to(out.dtype)).reshape(base.shape)
     backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1])
     if backend == "cpp":
