@@ -36,8 +36,8 @@ import math
 import pathlib
 import sys
 import tempfile
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -128,40 +128,6 @@ def training_step(model: nn.Module, embeddings: torch.Tensor, labels: torch.Tens
     return step
 
 
-def time_one(step: Callable[[], None], device: str) -> float:
-    """Milliseconds of one step, timed alone."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    started = time.perf_counter()
-    step()
-    return (time.perf_counter() - started) * 1e3
-
-
-def interleaved_step_times(steps: dict[str, Callable[[], None]], device: str, budget_s: float,
-                           warmup: int = 3, min_rounds: int = 5, max_rounds: int = 50) -> dict[str, list[float]]:
-    """Step times (ms) per provider: ``warmup`` untimed steps each, then rounds of one timed
-    step per provider in a rotating order, until ``budget_s`` is spent (at least
-    ``min_rounds`` rounds)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    started = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - started < budget_s):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            samples[name].append(time_one(steps[name], device))
-        rounds += 1
-    return samples
-
-
 # each fastlora model and the PEFT model whose loss it must give
 PEERS = {"fastlora": "peft", "fastlora-qlora": "peft-qlora"}
 
@@ -187,7 +153,8 @@ def run_setup(setup: Setup, dropout: float, device: str, dtype: torch.dtype, bud
     tokens = setup.batch * setup.seq_len
     timed = {name: model for name, model in models.items() if agree.get(name, True)}
     steps = {name: training_step(model, embeddings, ids) for name, model in timed.items()}
-    samples = interleaved_step_times(steps, device, budget_s)
+    samples = harness.time_interleaved({name: partial(harness.time_call, step, device) for name, step in steps.items()},
+                                       budget_s)
     rows = []
     for name, model in models.items():
         row = {"provider": name, **dataclasses.asdict(setup), "dropout": dropout}
@@ -202,12 +169,11 @@ def run_setup(setup: Setup, dropout: float, device: str, dtype: torch.dtype, bud
             peak_mem_bytes=harness.peak_memory_bytes(steps[name], device),
         )
         rows.append(row)
-    timed = {row["provider"]: row["median_ms"] for row in rows if row["status"] == "ok"}
     for row in rows:
         if row["status"] == "ok":
-            row["vs_frozen"] = row["median_ms"] / timed["frozen"]
+            row["vs_frozen"] = harness.paired_ratio(samples[row["provider"]], samples["frozen"])
             peer = "peft-qlora" if "qlora" in row["provider"] else "peft"
-            row["vs_peft"] = row["median_ms"] / timed[peer] if peer in timed else math.nan
+            row["vs_peft"] = harness.paired_ratio(samples[row["provider"]], samples[peer]) if peer in samples else math.nan
     return rows
 
 

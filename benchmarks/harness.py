@@ -3,9 +3,12 @@
 Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (backward alone:
 each timed backward runs on a fresh graph whose forward ran untimed just before, so no
 provider needs ``retain_graph``, which compiled backwards with donated buffers refuse),
-``full`` (forward + backward). Times are medians with p20/p80 in ms: on CUDA from
-``triton.testing.do_bench`` (CUDA graphs for M <= 16 forward) and CUDA events around each
-backward, on CPU from ``time.perf_counter`` over repeats after warm-up.
+``full`` (forward + backward). The providers of one case are timed interleaved
+(``time_interleaved``): round after round, one sample of each, so a burst of load on a shared
+machine lands on every provider alike; a provider's times are the median (p20 / p80) and the
+minimum of its rounds, and a ratio between two providers is the median of their per-round
+ratios. A sample is one call on a CPU (``time.perf_counter``), ``triton.testing.do_bench``
+over ~20 ms on CUDA (CUDA graphs for M <= 16 forward), or CUDA events around backwards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -41,6 +45,18 @@ def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), cuts[1], cuts[7]
 
 
+def summarize(samples_ms: list[float]) -> dict:
+    """median_ms, p20_ms, p80_ms, min_ms and rounds of one provider's per-round samples."""
+    median, p20, p80 = quantiles(samples_ms)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "min_ms": min(samples_ms), "rounds": len(samples_ms)}
+
+
+def paired_ratio(samples_ms: list[float], peer_samples_ms: list[float]) -> float:
+    """The median over rounds of one provider's time over its peer's in the same round: a
+    burst of load that slows one round slows both sides of its ratio."""
+    return statistics.median(ours / theirs for ours, theirs in zip(samples_ms, peer_samples_ms))
+
+
 def time_cpu(fn: Callable[[], object], budget_s: float, min_repeats: int = 3, max_repeats: int = 50) -> tuple[float, float, float]:
     fn()
     samples = []
@@ -52,21 +68,58 @@ def time_cpu(fn: Callable[[], object], budget_s: float, min_repeats: int = 3, ma
     return quantiles(samples)
 
 
-def time_cuda(fn: Callable[[], object], use_graph: bool) -> tuple[float, float, float, str]:
+def time_cuda(fn: Callable[[], object], use_graph: bool, rep_ms: int = 100) -> tuple[float, float, float, str]:
+    """Median, p20, p80 (ms) and the timer used: ``do_bench_cudagraph`` where asked and capture
+    works, else ``do_bench``; each repeats ``fn`` for about ``rep_ms``."""
     import triton.testing
 
     if use_graph:
         try:
-            median, p20, p80 = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+            median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
             return median, p20, p80, "cudagraph"
         except Exception:  # capture can fail (e.g. a provider that syncs); fall back to events
             pass
-    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = triton.testing.do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return median, p20, p80, "do_bench"
 
 
+def time_call(fn: Callable[[], object], device: str) -> float:
+    """Milliseconds of one call, timed alone (CUDA events, the device synchronised around it)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def time_interleaved(samplers: dict[str, Callable[[], float]], budget_s: float, warmup: int = 3,
+                     min_rounds: int = 5, max_rounds: int = 50) -> dict[str, list[float]]:
+    """Samples (ms) per name, round by round: ``warmup`` untimed samples each, then rounds of one
+    sample per name in an order rotated each round, until ``budget_s`` is spent (at least
+    ``min_rounds``, at most ``max_rounds`` rounds). Sample ``i`` of every name comes from round
+    ``i``, so load on a shared machine lands on all of them alike (see ``paired_ratio``)."""
+    for sample in samplers.values():
+        for _ in range(warmup):
+            sample()
+    names = list(samplers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - started < budget_s):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            samples[name].append(samplers[name]())
+        rounds += 1
+    return samples
+
+
 def mode_function(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str) -> Callable[[], object]:
-    """The call timed in ``fwd`` or ``full`` mode (``bwd`` is timed by ``time_backward``)."""
+    """The call timed in ``fwd`` or ``full`` mode (``bwd`` is timed by ``backward_sample``)."""
     def forward():
         return module(x)
 
@@ -76,53 +129,42 @@ def mode_function(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
     return {"fwd": forward, "full": full}[mode]
 
 
-def time_backward(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, device: str,
-                  budget_s: float, repeats: int = 50) -> tuple[float, float, float, str]:
-    """Median, p20, p80 (ms) of ``y.backward(dy)`` alone, each on a fresh graph: the forward
-    runs untimed before each timed backward."""
-    def fresh_graph() -> torch.Tensor:
+def backward_sample(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, device: str, repeats: int) -> float:
+    """Median ms of ``repeats`` timed ``y.backward(dy)`` calls, each on a fresh graph whose
+    forward ran untimed just before (no ``retain_graph``, which compiled backwards refuse)."""
+    times = []
+    for _ in range(repeats):
         module.zero_grad(set_to_none=True)
         x.grad = None
-        return module(x)
-
-    for _ in range(3):
-        fresh_graph().backward(dy)
-    if device == "cuda":
-        pairs = []
-        for _ in range(repeats):
-            y = fresh_graph()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            y.backward(dy)
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize()
-        return (*quantiles([start.elapsed_time(end) for start, end in pairs]), "cuda-events")
-    samples = []
-    started = time.perf_counter()
-    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - started < budget_s):
-        y = fresh_graph()
-        t0 = time.perf_counter()
-        y.backward(dy)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return (*quantiles(samples), "perf_counter")
+        y = module(x)
+        times.append(time_call(partial(y.backward, dy), device))
+    return statistics.median(times)
 
 
-def measure(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, device: str,
-            budget_s: float, use_graph: bool) -> dict:
-    """median_ms, p20_ms, p80_ms, timer and kernel launches of one provider in one mode."""
+def sampler(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, device: str,
+            use_graph: bool) -> tuple[Callable[[], float], str]:
+    """One provider's timing sample in one mode (a function returning ms) and its timer's name.
+
+    CPU: one call (``bwd``: one backward) by ``time.perf_counter``. CUDA: ``fwd`` / ``full`` the
+    median of ``triton.testing.do_bench`` over ~20 ms (CUDA graphs where ``use_graph`` and
+    capture works), ``bwd`` the median of 10 backwards by CUDA events."""
     if mode == "bwd":
-        median, p20, p80, timer = time_backward(module, x, dy, device, budget_s)
-        kernels = kernel_count(mode_function(module, x, dy, "full"), device) - kernel_count(
-            mode_function(module, x, dy, "fwd"), device)
-    else:
-        fn = mode_function(module, x, dy, mode)
-        if device == "cuda":
-            median, p20, p80, timer = time_cuda(fn, use_graph=use_graph)
-        else:
-            (median, p20, p80), timer = time_cpu(fn, budget_s), "perf_counter"
-        kernels = kernel_count(fn, device)
-    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "timer": timer, "kernels": kernels}
+        repeats = 10 if device == "cuda" else 1
+        timer = "cuda-events" if device == "cuda" else "perf_counter"
+        return partial(backward_sample, module, x, dy, device, repeats), timer
+    fn = mode_function(module, x, dy, mode)
+    if device != "cuda":
+        return partial(time_call, fn, device), "perf_counter"
+    timer = time_cuda(fn, use_graph=use_graph, rep_ms=20)[3]
+    return (lambda: time_cuda(fn, use_graph=timer == "cudagraph", rep_ms=20)[0]), timer
+
+
+def launches(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, device: str) -> float:
+    """CUDA kernels one call of ``mode`` launches (``bwd``: full minus forward); NaN on CPU."""
+    if mode == "bwd":
+        return (kernel_count(mode_function(module, x, dy, "full"), device)
+                - kernel_count(mode_function(module, x, dy, "fwd"), device))
+    return kernel_count(mode_function(module, x, dy, mode), device)
 
 
 def first_call_seconds(call: Callable[[], object], device: str) -> float:

@@ -4,7 +4,10 @@
     python -m benchmarks.run                # the full suite
     python -m benchmarks.run --shapes 8192x4096x4096x16 --modes fwd full
 
-Prints a table, appends one row per (provider, shape, mode) to benchmarks/out/<device>.csv
+Each mode of a shape times its providers interleaved, round by round (benchmarks/harness.py):
+a provider's row has the median (p20 / p80) and the minimum of its rounds, and vs_base /
+vs_peft / vs_reference are medians of per-round ratios, so load on a shared machine hits both
+sides of every ratio alike. Prints a table, appends one row per (provider, shape, mode) to benchmarks/out/<device>.csv
 (an ignored folder, so a clone stays clean; ``--csv benchmarks/results/<device>.csv`` adds to
 the committed results) with device, versions, git sha and timestamp, and redraws the PNG
 plots from that CSV (benchmarks/plot.py). A provider whose output disagrees with
@@ -44,7 +47,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"  # committed results
 LOCAL_RESULTS = pathlib.Path(__file__).parent / "out"  # a local run's default (git-ignored)
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "mode",
-    "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "timer",
+    "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "min_ms", "rounds", "timer",
     "tflops", "pct_peak", "vs_base", "vs_peft", "vs_reference", "saved_bytes", "peak_mem_bytes", "kernels",
     "first_call_s",
 ]
@@ -162,47 +165,54 @@ def progress(items: list):
 
 def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, dtype: torch.dtype,
              budget_s: float) -> list[dict]:
-    """Every provider and mode on one shape; ratios filled in once all are measured."""
+    """Every provider and mode on one shape. Each mode times its providers interleaved, round by
+    round, for about ``budget_s`` per provider; the ratio columns come from the same rounds."""
     weights = make_weights(shape, dtype, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
     references = {kind: build(VARIANT_PEERS[kind]["check"], weights, shape.dropout)
                   for kind in sorted({variant(name) for name in providers})}
-    rows = []
+    checked, modules = {}, {}
     for name in providers:
         module = build(name, weights, shape.dropout)
         first_call = harness.first_call_seconds(lambda: module(x).backward(dy), device)
         error = None if name == "base" else harness.check_against_reference(module, references[variant(name)], x, dy)
-        saved = harness.saved_bytes(lambda: module(x), [x, *module.parameters()])
-        peak = harness.peak_memory_bytes(lambda: module(x).backward(dy), device)
-        for mode in modes:
-            row = {"provider": name, "mode": mode, "saved_bytes": saved, "peak_mem_bytes": peak,
-                   "first_call_s": first_call}
-            if error is not None:
-                row.update(status=f"wrong: {error}")
-                rows.append(row)
-                continue
-            timing = harness.measure(module, x, dy, mode, device, budget_s, use_graph=shape.M <= 16 and mode == "fwd")
-            row.update(
-                status="ok", **timing,
-                tflops=harness.flops(shape, mode, name != "base") / (timing["median_ms"] * 1e-3) / 1e12,
-            )
+        checked[name] = {
+            "provider": name, "first_call_s": first_call,
+            "saved_bytes": harness.saved_bytes(lambda: module(x), [x, *module.parameters()]),
+            "peak_mem_bytes": harness.peak_memory_bytes(lambda: module(x).backward(dy), device),
+        }
+        if error is None:
+            modules[name] = module
+        else:
+            checked[name]["status"] = f"wrong: {error}"
+    rows = []
+    for mode in modes:
+        use_graph = shape.M <= 16 and mode == "fwd"
+        samplers = {name: harness.sampler(module, x, dy, mode, device, use_graph) for name, module in modules.items()}
+        samples = harness.time_interleaved({name: sample for name, (sample, _) in samplers.items()},
+                                           budget_s * max(len(samplers), 1))
+        for name in providers:
+            row = {**checked[name], "mode": mode}
+            if name in samples:
+                summary = harness.summarize(samples[name])
+                row.update(status="ok", timer=samplers[name][1], **summary,
+                           kernels=harness.launches(modules[name], x, dy, mode, device),
+                           tflops=harness.flops(shape, mode, name != "base") / (summary["median_ms"] * 1e-3) / 1e12)
+                peers = VARIANT_PEERS[variant(name)]
+                for other, column in (("base", "vs_base"), (peers["peft"], "vs_peft"), (peers["reference"], "vs_reference")):
+                    if other in samples:
+                        row[column] = harness.paired_ratio(samples[name], samples[other])
             rows.append(row)
     for row in rows:
-        peers = VARIANT_PEERS[variant(row["provider"])]
-        for other, column in (("base", "vs_base"), (peers["peft"], "vs_peft"), (peers["reference"], "vs_reference")):
-            match = [o for o in rows if o["provider"] == other and o["mode"] == row["mode"] and "median_ms" in o]
-            if "median_ms" in row and match:
-                row[column] = row["median_ms"] / match[0]["median_ms"]
-    for row in rows:
         row.update(M=shape.M, K=shape.K, N=shape.N, r=shape.r, dropout=shape.dropout, bias=shape.bias)
-    return rows
+    return sorted(rows, key=lambda row: (providers.index(row["provider"]), modes.index(row["mode"])))
 
 
 def format_table(rows: list[dict]) -> str:
     header = f"{'M':>6} {'K':>6} {'N':>6} {'r':>4} {'p':>4} {'mode':>4} {'provider':<21} {'median ms':>10} " \
-             f"{'TFLOP/s':>8} {'vs base':>8} {'vs peft':>8} {'saved MB':>9}"
+             f"{'min ms':>9} {'TFLOP/s':>8} {'vs base':>8} {'vs peft':>8} {'saved MB':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["status"] != "ok":
@@ -211,7 +221,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"{row['M']:>6} {row['K']:>6} {row['N']:>6} {row['r']:>4} {row['dropout']:>4} {row['mode']:>4} "
-            f"{row['provider']:<21} {row['median_ms']:>10.3f} {row['tflops']:>8.2f} "
+            f"{row['provider']:<21} {row['median_ms']:>10.3f} {row['min_ms']:>9.3f} {row['tflops']:>8.2f} "
             f"{row.get('vs_base', math.nan):>8.2f} {row.get('vs_peft', math.nan):>8.2f} "
             f"{row['saved_bytes'] / 2**20:>9.2f}"
         )
@@ -219,14 +229,24 @@ def format_table(rows: list[dict]) -> str:
 
 
 def append_csv(path: pathlib.Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
-    """Append rows (missing columns left empty), writing the header when the file is new."""
+    """Append rows (missing columns left empty), writing the header when the file is new. A file
+    written with other columns (an older version of the suite) is rewritten with the old columns
+    followed by the new ones, its rows kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
+    old_rows: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_columns = reader.fieldnames or []
+            if old_columns != columns:
+                old_rows = list(reader)
+                columns = old_columns + [c for c in columns if c not in old_columns]
+    mode = "w" if old_rows or not path.exists() else "a"
+    with path.open(mode, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
+        if mode == "w":
             writer.writeheader()
-        for row in rows:
+        for row in old_rows + rows:
             writer.writerow({c: row.get(c, "") for c in columns})
 
 

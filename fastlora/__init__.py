@@ -5,6 +5,10 @@
 ``fastlora.use_backend`` / FASTLORA_BACKEND.
 """
 
+from fastlora import _layout
+
+_layout.register_kernels_package()  # in a source tree, the repository's kernels/ as fastlora.kernels
+
 from fastlora import reference
 from fastlora._backend import current_backend, use_backend
 from fastlora.layers import (

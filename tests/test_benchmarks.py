@@ -26,6 +26,40 @@ def test_every_provider_runs_in_every_mode(dropout):
     assert {"reference-compiled", "fastlora-qlora-cpp", "fastlora-qlora-triton", "peft-qlora"} <= set(providers)
 
 
+def test_providers_are_warmed_then_interleaved_in_rotating_order():
+    calls = []
+    samplers = {name: (lambda name=name: calls.append(name) or float(len(calls))) for name in ("a", "b", "c")}
+    samples = harness.time_interleaved(samplers, budget_s=0.0, warmup=2, min_rounds=3)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, untimed
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert samples == {"a": [7.0, 12.0, 14.0], "b": [8.0, 10.0, 15.0], "c": [9.0, 11.0, 13.0]}
+
+
+def test_ratios_pair_samples_of_the_same_round():
+    """A round slowed 10x for everyone leaves the per-round ratio alone; ratios of medians
+    taken from separate blocks of repeats would not be."""
+    ours, peer = [1.0, 10.0, 1.0, 10.0, 10.0], [2.0, 20.0, 2.0, 20.0, 20.0]
+    assert harness.paired_ratio(ours, peer) == 0.5
+    assert harness.summarize(ours) == {"median_ms": 10.0, "p20_ms": 1.0, "p80_ms": 10.0, "min_ms": 1.0, "rounds": 5}
+
+
+def test_rows_carry_median_minimum_and_paired_ratios():
+    shape = Shape(M=20, K=24, N=16, r=4, dropout=0.0, bias=False)
+    rows = run.run_case(shape, ["base", "peft", "fastlora-torch"], ["fwd"], "cpu", run.torch.float32, budget_s=0.01)
+    for row in rows:
+        assert row["min_ms"] <= row["median_ms"] and row["rounds"] >= 5
+    assert {row["provider"]: row["vs_base"] for row in rows}["base"] == 1.0
+
+
+def test_csv_of_an_older_suite_gains_the_new_columns(tmp_path):
+    path = tmp_path / "results.csv"
+    run.append_csv(path, [{"provider": "old", "median_ms": 1.0}], ["provider", "median_ms"])
+    run.append_csv(path, [{"provider": "new", "median_ms": 2.0, "min_ms": 1.5}], ["provider", "median_ms", "min_ms"])
+    rows = list(csv.DictReader(path.open()))
+    assert rows == [{"provider": "old", "median_ms": "1.0", "min_ms": ""},
+                    {"provider": "new", "median_ms": "2.0", "min_ms": "1.5"}]
+
+
 def test_main_writes_the_csv(tmp_path):
     path = tmp_path / "results.csv"
     assert run.main(["--shapes", "16x24x16x4@0.1", "--providers", "base", "fastlora", "--budget", "0.01",

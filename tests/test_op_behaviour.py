@@ -2,6 +2,7 @@
 saved memory, dropout statistics, torch.compile, backend selection."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -251,7 +252,7 @@ def test_cuda_dispatch_traces_in_one_graph(monkeypatch, backend):
 
 def test_import_does_not_touch_cuda():
     code = "import torch, fastlora; assert not torch.cuda.is_initialized()"
-    assert os.system(f'python -c "{code}"') == 0
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_auto_on_cuda_follows_the_measured_table():

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
+from fastlora._layout import shipped_dir
 from fastlora.ops.schema import define_mixed_ops, define_ops
 
 define_ops("cpp")
@@ -55,8 +56,7 @@ _state = {"reason": _NOT_TRIED}
 
 def source_dir() -> Path:
     """csrc/: shipped inside the package as fastlora/csrc, or the repository's csrc/."""
-    packaged = Path(__file__).resolve().parents[1] / "csrc"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
+    return shipped_dir("csrc")
 
 
 def source_hash() -> str:
