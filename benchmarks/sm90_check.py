@@ -83,6 +83,9 @@ VARIANTS = {
     "mixed_expand_kernel": {"bf16": {}, "fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee")},
     "mixed_grad_kernel": {"bf16": {}, "fp32-adapters": dict(adapters="fp32", INPUT_PRECISION="ieee")},
 }
+# variants that launch for decode rows only (M <= 64): QLoRA's in-GEMM dequantization runs up to
+# qlora_linear.IN_GEMM_DEQUANT_MAX_ROWS rows (0 until the GPU report times it; the report tries 64)
+DECODE_ONLY = {("lora_forward_kernel", "forward-4bit")}
 # DoRA's norm kernel and the dequantizer depend on neither M nor the rank's padding
 SHAPELESS = {"dora_norm_kernel", "dequant_4bit_kernel"}
 MIXED = {"mixed_shrink_kernel": "BLOCK_K", "mixed_expand_kernel": "BLOCK_N", "mixed_grad_kernel": None}  # tiles of 16 rows: no M either
@@ -216,7 +219,8 @@ def register_usage(ptx: str) -> dict:
 def jobs(quick: bool) -> list[tuple[str, int, int, int, str]]:
     """(kernel, M, config index, r_pad, variant): every GPU config of every kernel in its first
     variant, and the first config in the others, at large M with r = 16, 64 and 128 and at
-    decode; ``quick``: the first config of each list only."""
+    decode (a ``DECODE_ONLY`` variant at decode only); ``quick``: the first config of each list
+    only."""
     from fastlora.kernels import configs
 
     configs.interpreting = lambda: False
@@ -226,7 +230,7 @@ def jobs(quick: bool) -> list[tuple[str, int, int, int, str]]:
         for M, r_pad in RANKS[:1] if name in SHAPELESS else ((16, 16), (16, 64)) if name in MIXED else RANKS:
             count = 1 if quick or r_pad > 128 else len(config_list(name, M, r_pad, first))
             out += [(name, M, index, r_pad, first) for index in range(count)]
-            out += [(name, M, 0, r_pad, variant) for variant in others]
+            out += [(name, M, 0, r_pad, variant) for variant in others if M <= 64 or (name, variant) not in DECODE_ONLY]
     return out
 
 

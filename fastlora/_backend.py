@@ -5,7 +5,9 @@ Backends:
   ``triton`` the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   ``cpp``    the C++ CPU kernels in csrc/, built just-in-time on first use.
   ``auto``   on CUDA, per shape class, the faster of triton and torch as measured
-             (``AUTO_ON_CUDA``); cpp on CPU when the extension builds; torch otherwise.
+             (``AUTO_ON_CUDA``; torch everywhere until the current kernels are measured), and
+             torch for a class whose Triton path cannot run on this device (one warning);
+             cpp on CPU when the extension builds; torch otherwise.
 
 The default comes from the environment variable FASTLORA_BACKEND (``auto`` if unset or
 empty; names are case-insensitive, checked once per value); ``use_backend`` overrides it for
@@ -19,6 +21,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -103,20 +106,61 @@ def _cpp_reason(device: torch.device) -> str | None:
 
 
 # What ``auto`` runs on CUDA, per shape class (rows of M, columns of r): the faster of the
-# fused Triton path and the cuBLAS-composed torch path in GPU time, from measurements only
-# (../shared/gpu/H100-2026-11-23.md, bf16, H100). A class moves to "triton" when a report
-# (python -m benchmarks.gpu_report) shows the fused path faster there, never on a prediction.
-#   M <= 64, r <= 16: fused decode forward 20.4 us (M=1) / 18.7 us (M=16) against PEFT's
-#                     22.1 / 21.2 us (graph replay, K = N = 4096): triton.
-#   M > 64, every r:  fused fwd+bwd at 0.46-0.98x PEFT's speed (section 2): torch.
-#   M <= 64, r > 16:  not measured: torch.
-# The kernels measured there predate the TMA + persistent GEMMs, which await a GPU run.
+# fused Triton path and the cuBLAS-composed torch path in GPU time, from measurements of the
+# kernels as they are, only. A class moves to "triton" when a GPU report
+# (python -m benchmarks.gpu_report, whose closing table lists the classes to move) shows the
+# fused path faster there, never on a prediction. Until the kernels of the TMA redesign have
+# been measured, every class runs the torch path: the one GPU measurement so far
+# (../shared/gpu/H100-2026-11-23.md) timed the kernels that were replaced since.
 AUTO_ON_CUDA = {
-    ("decode", "r<=16"): "triton",
+    ("decode", "r<=16"): "torch",
     ("decode", "r>16"): "torch",
     ("large", "r<=16"): "torch",
     ("large", "r>16"): "torch",
 }
+# device type -> the shape-class table ``auto`` follows there (CUDA's; tests add the interpreter)
+AUTO_TABLES = {"cuda": AUTO_ON_CUDA}
+
+
+class TritonPieceError(RuntimeError):
+    """A Triton piece cannot run on this device (no launch configuration of a kernel compiles
+    or launches). Under ``auto`` the op's shape class then moves to the torch path
+    (``triton_failed``); a forced ``triton`` backend raises it."""
+
+
+# (op, shape class) -> the first error, for the classes ``auto`` moved off Triton in this process
+_triton_unusable: dict[tuple[str, tuple[str, str]], str] = {}
+
+
+def triton_failed(op: str, device: torch.device, M: int, r: int, error: BaseException) -> None:
+    """Move ``op``'s shape class of (M, r) to the torch path under ``auto`` for the rest of this
+    process, with one warning naming the op, the class, the device, Triton's version and the
+    first error (which names the kernel)."""
+    key = (op, shape_class(M, r))
+    if key in _triton_unusable:
+        return
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [""]
+    # the launcher's error: a first line naming the kernel and shape, then one line per config tried
+    first_error = f"{type(error).__name__}: {lines[0]}" + (f" First error: {lines[1]}" if len(lines) > 1 else "")
+    _triton_unusable[key] = first_error
+    try:
+        import triton
+
+        version = triton.__version__
+    except Exception as import_error:  # the failure may be Triton's own import
+        version = f"not importable ({type(import_error).__name__})"
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    warnings.warn(
+        f"fastlora: the Triton path of {op} cannot run on {where} with Triton {version} for shape class "
+        f"{key[1]}: {first_error}. The 'auto' backend runs the torch path for this op and class from now on in "
+        "this process (the same numbers); FASTLORA_BACKEND=triton would raise instead.",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def triton_unusable() -> dict[tuple[str, tuple[str, str]], str]:
+    """The (op, shape class) pairs ``auto`` moved off Triton in this process, with their errors."""
+    return dict(_triton_unusable)
 
 
 def shape_class(M: int, r: int) -> tuple[str, str]:
@@ -124,9 +168,10 @@ def shape_class(M: int, r: int) -> tuple[str, str]:
     return ("decode" if M <= 64 else "large", "r<=16" if r <= 16 else "r>16")
 
 
-def resolve(device: torch.device, M: int = 0, r: int = 0) -> str:
+def resolve(device: torch.device, M: int = 0, r: int = 0, op: str = "lora_linear") -> str:
     """The concrete backend (``triton`` | ``torch`` | ``cpp``) for tensors on ``device``; ``auto``
-    on CUDA picks by the shape class of (M rows, rank r)."""
+    on CUDA picks by the shape class of (M rows, rank r), and runs torch for an ``op`` and class
+    whose Triton path could not run here (``triton_failed``)."""
     name = current_backend()
     if name == "torch":
         return name
@@ -140,8 +185,11 @@ def resolve(device: torch.device, M: int = 0, r: int = 0) -> str:
         if reason is not None:
             raise RuntimeError(f"fastlora backend 'cpp' cannot run: {reason}")
         return name
-    if device.type == "cuda" and _triton_reason(device) is None:
-        return AUTO_ON_CUDA[shape_class(M, r)]
+    table = AUTO_TABLES.get(device.type)
+    if table is not None and _triton_reason(device) is None:
+        shape = shape_class(M, r)
+        choice = table[shape]
+        return "torch" if choice == "triton" and (op, shape) in _triton_unusable else choice
     if device.type == "cpu" and _cpp_reason(device) is None:
         return "cpp"
     return "torch"

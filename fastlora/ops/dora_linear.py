@@ -15,7 +15,14 @@ from torch.autograd.function import once_differentiable
 
 from fastlora import reference
 from fastlora.ops.dora_norm import weight_norm
-from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops, run_fused
+from fastlora.ops.lora_linear import (
+    _check_tensor,
+    _describe,
+    backend_ops,
+    backward_op_for,
+    remember_backend,
+    run_fused,
+)
 from fastlora.ops.torch_ops import unpack_keep_bits
 
 
@@ -114,7 +121,7 @@ class DoRALinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.backend = backend
+        remember_backend(ctx, backend, "dora_linear", x.shape[0], lora_A.shape[0])
         return y
 
     @staticmethod
@@ -122,7 +129,7 @@ class DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S, keep_bits, seed, bias, g, norm, kept = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_dA, needs_dB, needs_dm = ctx.needs_input_grad[:6]
-        _, backward_op = backend_ops(ctx.backend, dy)
+        backward_op = backward_op_for(ctx, dy)
         dy = dy.contiguous()
         p = ctx.dropout_p
         dm = None

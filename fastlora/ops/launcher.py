@@ -7,7 +7,8 @@ bucketed M, the other sizes, dtypes and flags) and an ordered list of candidate 
 - The first launch of a key tries the candidates in order. A config that fails to compile or
   to fit (``OutOfResources``, ptxas errors, any error raised before the kernel runs) is
   dropped for that key and the next one runs; only when none runs does the caller get a
-  ``RuntimeError`` naming the kernel, the shape, the dtypes and every config's error.
+  ``TritonPieceError`` (a ``RuntimeError``) naming the kernel, the shape, the dtypes and every
+  config's error, on which ``auto`` moves the op's shape class to the torch path.
 - With ``FASTLORA_AUTOTUNE=1`` on a GPU, kernels marked tunable (pure writes, safe to run
   repeatedly) time every candidate that runs and keep the fastest; the choice is written to
   ``$XDG_CACHE_HOME/fastlora/tuning-<gpu>-triton<version>.json`` and read back by later
@@ -30,6 +31,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
+from fastlora._backend import TritonPieceError
 from fastlora.kernels.configs import estimated_shared_bytes, interpreting
 
 Grid = Callable[[dict], tuple[int, ...]]
@@ -57,10 +59,14 @@ Args = Sequence | Callable[[dict], Sequence]
 
 
 def _run(kernel, grid: Grid, args: Args, meta: dict, config: triton.Config) -> None:
-    """One launch; ``args`` may be a function of the config's blocks (TMA descriptors)."""
+    """One launch; ``args`` may be a function of the config's blocks (TMA descriptors).
+
+    Only a launch that torch.compile traces goes through ``wrap_triton``; an eager one calls the
+    kernel itself (torch 2.11's ``wrap_triton`` refuses the interpreter's kernels)."""
     launch_grid = grid(config.kwargs)
     arguments = args(config.kwargs) if callable(args) else args
-    wrap_triton(kernel)[launch_grid](*arguments, **meta, **config_kwargs(config))
+    launchable = wrap_triton(kernel) if torch.compiler.is_compiling() else kernel
+    launchable[launch_grid](*arguments, **meta, **config_kwargs(config))
 
 
 def tracing(tensor: torch.Tensor) -> bool:
@@ -189,7 +195,7 @@ def launch(
         if saved is not None or not (tunable and tuning_enabled()):
             break
     if not runnable:
-        raise RuntimeError(
+        raise TritonPieceError(
             f"fastlora: no launch configuration of {key[0]} runs on this device for {describe()}; "
             "tried:\n" + "\n".join(errors)
         )

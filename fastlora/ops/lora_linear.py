@@ -115,6 +115,49 @@ def backend_ops(backend: str, x: torch.Tensor, family: str = "lora") -> tuple[ob
     return getattr(namespace, f"{family}_fwd_{backend}"), getattr(namespace, f"{family}_bwd_{backend}")
 
 
+# what a Triton piece that cannot run here raises: the launcher's error, or a failed import
+TRITON_PIECE_ERRORS = (_backend.TritonPieceError, ImportError)
+
+
+def run_with_fallback(run, backend: str, op: str, device: torch.device, M: int, r: int) -> torch.Tensor:
+    """``run(backend)`` (a function of the backend name giving the op's output). When ``auto``
+    chose Triton and a Triton piece cannot run on this device, the op's shape class moves to the
+    torch path for the rest of the process (one warning, ``_backend.triton_failed``) and
+    ``run("torch")`` gives the result; a forced ``triton`` backend raises."""
+    if backend != "triton" or _backend.current_backend() != "auto":
+        return run(backend)
+    try:
+        return run(backend)
+    except TRITON_PIECE_ERRORS as error:
+        _backend.triton_failed(op, device, M, r, error)
+        return run("torch")
+
+
+def remember_backend(ctx, backend: str, op: str, M: int, r: int) -> None:
+    """``ctx.backend``, and ``ctx.fallback`` = (op, M, r) when ``auto`` chose Triton (a backward
+    that cannot run there then runs torch's, see ``backward_op_for``), else None."""
+    ctx.backend = backend
+    ctx.fallback = (op, M, r) if backend == "triton" and _backend.current_backend() == "auto" else None
+
+
+def backward_op_for(ctx, dy: torch.Tensor, family: str = "lora"):
+    """The backward op of ``ctx.backend``; where ``auto`` chose Triton, one that runs the torch
+    backend's backward on the same saved tensors (the keep bits are the same on every backend)
+    if a Triton piece cannot run, moving the op's shape class to torch (``_backend.triton_failed``)."""
+    _, backward_op = backend_ops(ctx.backend, dy, family)
+    if ctx.fallback is None:
+        return backward_op
+
+    def backward_or_torch(*args, **kwargs):
+        try:
+            return backward_op(*args, **kwargs)
+        except TRITON_PIECE_ERRORS as error:
+            _backend.triton_failed(*ctx.fallback[:1], dy.device, *ctx.fallback[1:], error)
+            return backend_ops("torch", dy, family)[1](*args, **kwargs)
+
+    return backward_or_torch
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * drop(x) A^T B^T with a frozen W.
 
@@ -147,7 +190,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.backend = backend
+        remember_backend(ctx, backend, "lora_linear", x.shape[0], lora_A.shape[0])
         ctx.has_bias = bias is not None
         return y
 
@@ -160,7 +203,7 @@ class LoRALinearFunction(torch.autograd.Function):
             backward_op = torch_ops.backward
             S = torch_ops.recompute_S(x, lora_A, keep_bits, ctx.dropout_p)
         else:
-            _, backward_op = backend_ops(ctx.backend, dy)
+            backward_op = backward_op_for(ctx, dy)
         return input_gradients(ctx, backward_op, dy, x, weight, lora_A, lora_B, S, keep_bits, seed,
                                ctx.fan_in_fan_out, trailing=5)
 
@@ -324,16 +367,31 @@ def run_fused(
     dropout_p = float(dropout_p) if training else 0.0
     if bias is not None and not bias.is_contiguous():  # the kernels read bias as a dense (N,) vector
         bias = bias.contiguous()
-    backend = _backend.resolve(x.device, x.numel() // max(x.shape[-1], 1), lora_A.shape[0])
-    args = (_flatten_rows(x), weight, bias, lora_A, lora_B, *adapter_extras, float(scaling), dropout_p,
-            dropout_seed(dropout_p, backend, x.device), fan_in_fan_out, backend)
-    y = apply_below_autocast(function, dtype is not None, x.device.type, *args)
+    rows = _flatten_rows(x)
+    op = reference_fn.__name__  # the public op's name (reference.lora_linear / dora_linear)
+    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[0], op)
+
+    def run(backend: str) -> torch.Tensor:
+        return apply_below_autocast(function, dtype is not None, x.device.type, rows, weight, bias, lora_A, lora_B,
+                                    *adapter_extras, float(scaling), dropout_p,
+                                    dropout_seed(dropout_p, backend, x.device), fan_in_fan_out, backend)
+
+    y = run_with_fallback(run, backend, op, x.device, rows.shape[0], lora_A.shape[0])
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# The device types that have an autocast state, asked once at import: torch 2.11's Dynamo cannot
+# trace torch.amp.is_autocast_available (a builtin), and a type without one (meta, lazy) makes
+# torch.is_autocast_enabled raise.
+AUTOCAST_DEVICE_TYPES = frozenset(
+    device_type for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "maia", "privateuseone")
+    if torch.amp.is_autocast_available(device_type)
+)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype torch.autocast casts x's device's matmuls to, or None outside autocast."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if x.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 

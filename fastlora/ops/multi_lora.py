@@ -29,7 +29,14 @@ from torch.autograd.function import once_differentiable
 
 from fastlora import _backend
 from fastlora.ops.host_values import on_device
-from fastlora.ops.lora_linear import _check_tensor, _describe, backend_ops
+from fastlora.ops.lora_linear import (
+    _check_tensor,
+    _describe,
+    backend_ops,
+    backward_op_for,
+    remember_backend,
+    run_with_fallback,
+)
 from fastlora.ops.torch_ops import pack_keep_bits, unpack_keep_bits
 
 
@@ -121,14 +128,14 @@ class MixedLoRAFunction(torch.autograd.Function):
             ctx.mark_dirty(base)
         S = forward_op(dropped_rows(x, keep_bits, row_scale), lora_A, lora_B, scaling, index, base)
         ctx.save_for_backward(x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale)
-        ctx.backend = backend
+        remember_backend(ctx, backend, "multi_lora_linear", x.shape[0], lora_A.shape[1])
         return base
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, lora_A, lora_B, scaling, index, S, keep_bits, row_scale = ctx.saved_tensors
-        _, backward_op = backend_ops(ctx.backend, dy, "mixed_lora")
+        backward_op = backward_op_for(ctx, dy, "mixed_lora")
         needs_dx = ctx.needs_input_grad[1]
         rows = dropped_rows(x, keep_bits, row_scale)
         dx, dA, dB = backward_op(dy.contiguous(), rows, lora_A, lora_B, scaling, index, S, needs_dx)
@@ -177,8 +184,12 @@ def add_mixed_lora(
 
         term, _ = mixed_term(dropped_rows(rows, keep_bits, row_scale).to(lora_A.dtype), lora_A, lora_B, scaling, index)
         return (out + term.to(out.dtype)).reshape(base.shape)
-    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1])
+    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[1], "multi_lora_linear")
     if backend == "cpp":
         rows, out, lora_A, lora_B = rows.contiguous(), out.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    return MixedLoRAFunction.apply(out, rows, lora_A, lora_B, scaling, index, keep_bits, row_scale,
-                                   backend).reshape(base.shape)
+
+    def run(backend: str) -> torch.Tensor:
+        return MixedLoRAFunction.apply(out, rows, lora_A, lora_B, scaling, index, keep_bits, row_scale, backend)
+
+    return run_with_fallback(run, backend, "multi_lora_linear", x.device, rows.shape[0],
+                             lora_A.shape[1]).reshape(base.shape)

@@ -21,8 +21,11 @@ from fastlora.ops.lora_linear import (
     apply_below_autocast,
     autocast_dtype,
     backend_ops,
+    backward_op_for,
     dropout_seed,
     input_gradients,
+    remember_backend,
+    run_with_fallback,
     validate,
 )
 from fastlora.ops.weight4bit import Weight4bit
@@ -67,7 +70,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         ctx.weight = weight  # the packed weight's own tensors (parameters, alive anyway): nothing copied
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
-        ctx.backend = backend
+        remember_backend(ctx, backend, "qlora_linear", x.shape[0], lora_A.shape[0])
         ctx.has_bias = bias is not None
         return y
 
@@ -75,7 +78,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, lora_A, lora_B, S, keep_bits, seed = ctx.saved_tensors
-        _, backward_op = backend_ops(ctx.backend, dy)
+        backward_op = backward_op_for(ctx, dy)
         dense = dequantize(ctx.weight, x.dtype, ctx.backend)
         return input_gradients(ctx, backward_op, dy, x, dense, lora_A, lora_B, S, keep_bits, seed, False, trailing=4)
 
@@ -137,15 +140,20 @@ def qlora_linear(
         bias = bias.to(dtype) if bias is not None else None
     validate(x, _check_weight(x, weight), bias, lora_A, lora_B, scaling, dropout_p, False)
     rows = _flatten_rows(x)
-    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[0])
+    backend = _backend.resolve(x.device, rows.shape[0], lora_A.shape[0], "qlora_linear")
     if torch._C._are_functorch_transforms_active():
         dense = dequantize(weight, x.dtype, backend, out=x.new_empty((weight.out_features, weight.in_features)))
         return reference.lora_linear(x, dense, bias, lora_A, lora_B, float(scaling), float(dropout_p), training)
     dropout_p = float(dropout_p) if training else 0.0
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    y = apply_below_autocast(QLoRALinearFunction, dtype is not None, x.device.type, rows, weight, bias, lora_A,
-                             lora_B, float(scaling), dropout_p, dropout_seed(dropout_p, backend, x.device), backend)
+
+    def run(backend: str) -> torch.Tensor:
+        return apply_below_autocast(QLoRALinearFunction, dtype is not None, x.device.type, rows, weight, bias, lora_A,
+                                    lora_B, float(scaling), dropout_p, dropout_seed(dropout_p, backend, x.device),
+                                    backend)
+
+    y = run_with_fallback(run, backend, "qlora_linear", x.device, rows.shape[0], lora_A.shape[0])
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -164,6 +172,10 @@ def linear_4bit(x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None) 
     if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (weight.out_features,)):
         raise ValueError(f"bias must be ({weight.out_features},) in x's dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     rows = _flatten_rows(x)
-    backend = _backend.resolve(x.device, rows.shape[0], 1)
-    y = apply_below_autocast(Base4bitFunction, dtype is not None, x.device.type, rows, weight, bias, backend)
+    backend = _backend.resolve(x.device, rows.shape[0], 1, "linear_4bit")
+
+    def run(backend: str) -> torch.Tensor:
+        return apply_below_autocast(Base4bitFunction, dtype is not None, x.device.type, rows, weight, bias, backend)
+
+    y = run_with_fallback(run, backend, "linear_4bit", x.device, rows.shape[0], 1)
     return y.reshape(*x.shape[:-1], y.shape[-1])
