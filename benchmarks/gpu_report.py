@@ -606,7 +606,8 @@ def supported_auto_table(report: Report) -> list[str]:
             continue
         mean = math.exp(statistics.mean(math.log(v) for v in values))
         pick = "triton" if mean > 1.0 else "torch"
-        lines.append(f"    {row!r}: {pick!r},  # torch / fused time {mean:.2f}x over {len(values)} cases")
+        move = f"; MOVE from {current!r}" if pick != current else ""
+        lines.append(f"    {row!r}: {pick!r},  # torch / fused time {mean:.2f}x over {len(values)} cases{move}")
     return lines + ["}", "```"]
 
 

@@ -42,13 +42,14 @@ def gemm_configs(M: int, r_pad: int = 16, adapter_bytes: int = 2, pointer: bool 
     first config compiles for sm_90 within 227 KB and without register spills in every variant
     that launches, r = 16 ... 512 (benchmarks/sm90_check.py; tests/test_sm90_compile.py).
     ``four_bit``: the decode forward that dequantizes a 4-bit W in its main loop, whose
-    unpacking and absmax gathers need registers: 16 x 64 x 64 compiles to 194 registers
-    without spills at r = 16 ... 64 (16 x 32 x 256 spills).
+    unpacking and absmax gathers need registers: 16 x 64 x 32 compiles without spills on
+    Triton 3.6 (168 / 128 registers at r = 16 / 64) and 3.9 (128 / 112); 16 x 64 x 64 spills
+    152 bytes on Triton 3.6 at r = 16, 16 x 32 x 256 on both.
     """
     if interpreting():
         return [_config(16, 32, 32, num_warps=4, num_stages=1, GROUP_M=4)]
     if four_bit and M <= 64:
-        return [_config(16, 64, 64, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
+        return [_config(16, 64, 32, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
     if M <= 16:
         return [_config(16, 32, 256, num_warps=4, num_stages=4, GROUP_M=1), _SAFE_GEMM]
     if M <= 64:

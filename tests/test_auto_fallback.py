@@ -4,6 +4,7 @@ warning, the results are the torch backend's, and the decision is made once; a f
 ``triton`` backend still raises. On the CPU through TRITON_INTERPRET=1, with ``auto`` sent to
 Triton by a test table and a kernel made to fail."""
 
+import importlib.util
 import warnings
 
 import pytest
@@ -71,6 +72,22 @@ OPS = {
         x, w, b, torch.stack([A, A * 2]), torch.stack([B, B * 3]), [0.5, 1.0],
         torch.arange(x.shape[0]) % 3 - 1), "mixed_shrink_kernel"),
 }
+
+
+
+def qlora(x, w, b, A, B):
+    """qlora_linear on ``w`` quantized to NF4 by bitsandbytes."""
+    import bitsandbytes as bnb
+
+    from fastlora.ops.qlora_linear import qlora_linear
+    from fastlora.ops.weight4bit import from_params4bit
+
+    packed = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, blocksize=64, quant_type="nf4").to("cpu")
+    return qlora_linear(x, from_params4bit(packed), b, A, B, 0.5)
+
+
+if importlib.util.find_spec("bitsandbytes") is not None:
+    OPS["qlora_linear"] = (qlora, "dequant_4bit_kernel")
 
 
 @pytest.mark.parametrize("op_name", list(OPS))

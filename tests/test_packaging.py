@@ -75,7 +75,8 @@ THIRD_PARTY = ["transformers.modeling_utils", "peft", "kernels"]
 def import_in_subprocess(cwd: pathlib.Path, extra_path: str | None = None) -> subprocess.CompletedProcess:
     """Import fastlora, its kernels and the third-party packages that must not be shadowed
     (those installed here), run from ``cwd``; print where each module came from."""
-    names = IMPORTS + [name for name in THIRD_PARTY if importlib.util.find_spec(name.split(".")[0]) is not None]
+    installed = importlib.metadata.packages_distributions()  # not find_spec: the root's kernels/ would answer it
+    names = IMPORTS + [name for name in THIRD_PARTY if name.split(".")[0] in installed]
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n"
             "    print(name, importlib.import_module(name).__file__)\n")
