@@ -14,6 +14,7 @@ over ~20 ms on CUDA (CUDA graphs for M <= 16 forward), or CUDA events around bac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import statistics
 import sys
@@ -165,6 +166,42 @@ def launches(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, de
         return (kernel_count(mode_function(module, x, dy, "full"), device)
                 - kernel_count(mode_function(module, x, dy, "fwd"), device))
     return kernel_count(mode_function(module, x, dy, mode), device)
+
+
+def steady_cpu_allocator() -> bool:
+    """Fix glibc's malloc thresholds for this process: freed blocks below 32 MiB stay in the
+    heap to be reused. glibc otherwise moves its mmap threshold as the process frees blocks, so
+    a provider's large temporaries are mapped, zeroed by page faults and unmapped on some calls
+    and not on others, depending on what ran before: PEFT's DoRA forward at M = 16 measured 9 or
+    18 ms from one run to the next. Returns whether it took (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
+
+
+def idle_cores(window_s: float = 0.5) -> int:
+    """Cores left idle by the rest of the machine over ``window_s`` (Linux's /proc/stat), at
+    least 1; every core where that cannot be read. The CPU suite runs this many threads: an
+    OpenMP GEMM with a thread on a core another process keeps busy waits for that thread at every
+    barrier, which moves CPU timings by 2-5x from one call to the next."""
+    cores = os.cpu_count() or 1
+
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle_before, total_before = idle_and_total()
+        time.sleep(window_s)
+        idle_after, total_after = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return cores
+    idle_share = (idle_after - idle_before) / max(total_after - total_before, 1)
+    return max(1, min(cores, int(idle_share * cores + 0.25)))
 
 
 def first_call_seconds(call: Callable[[], object], device: str) -> float:

@@ -47,7 +47,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"  # committed results
 LOCAL_RESULTS = pathlib.Path(__file__).parent / "out"  # a local run's default (git-ignored)
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "triton", "dtype", "provider", "mode",
-    "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "min_ms", "rounds", "timer",
+    "threads", "M", "K", "N", "r", "dropout", "bias", "status", "median_ms", "p20_ms", "p80_ms", "min_ms", "rounds", "timer",
     "tflops", "pct_peak", "vs_base", "vs_peft", "vs_reference", "saved_bytes", "peak_mem_bytes", "kernels",
     "first_call_s",
 ]
@@ -56,6 +56,9 @@ COLUMNS = [
 GPU_LAYERS = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (8192, 8192)]
 GPU_TOKENS = [1, 16, 512, 2048, 8192, 16384]
 CPU_SCALE = 4  # CPU runs the same layers with K, N / 4 and at most 2048 tokens
+# rounds of every case at least: at 5, two quick runs on a 2-core CPU disagreed by up to 23% on a
+# ratio to PEFT where each round takes a second; at 9, within 15%
+MIN_ROUNDS = 9
 
 
 def suite(device: str, quick: bool) -> list[Shape]:
@@ -104,6 +107,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
@@ -192,7 +206,7 @@ def run_case(shape: Shape, providers: list[str], modes: list[str], device: str, 
         use_graph = shape.M <= 16 and mode == "fwd"
         samplers = {name: harness.sampler(module, x, dy, mode, device, use_graph) for name, module in modules.items()}
         samples = harness.time_interleaved({name: sample for name, (sample, _) in samplers.items()},
-                                           budget_s * max(len(samplers), 1))
+                                           budget_s * max(len(samplers), 1), min_rounds=MIN_ROUNDS)
         for name in providers:
             row = {**checked[name], "mode": mode}
             if name in samples:
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="MxKxNxr[@dropout] ...")
     parser.add_argument("--budget", type=positive_float, default=None, help="CPU seconds per timing (default 0.3, quick 0.15)")
     parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: benchmarks/out/<device>.csv")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (default: the cores other processes leave idle, at least 1)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
@@ -277,13 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget or (0.15 if args.quick else 0.3)
     name = device_name(device)
     csv_path = args.csv or LOCAL_RESULTS / f"{name}.csv"
+    threads = torch.get_num_threads()
+    if device == "cpu":  # steady CPU timings: no thread on a busy core, no malloc threshold drifting
+        threads = args.threads or harness.idle_cores()
+        torch.set_num_threads(threads)
+        harness.steady_cpu_allocator()
     meta = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(), "device": name, "torch": torch.__version__, "triton": triton_version(),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."), "threads": threads,
     }
     peak = measure_peak_tflops(device, dtype)
-    print(f"device {name}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
+    print(f"device {name}, {meta['dtype']}, {threads} CPU threads, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
           f"measured matmul peak {peak:.2f} TFLOP/s; providers: {', '.join(providers)}")
     rows = []
     for shape in progress(shapes):

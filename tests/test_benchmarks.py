@@ -47,7 +47,7 @@ def test_rows_carry_median_minimum_and_paired_ratios():
     shape = Shape(M=20, K=24, N=16, r=4, dropout=0.0, bias=False)
     rows = run.run_case(shape, ["base", "peft", "fastlora-torch"], ["fwd"], "cpu", run.torch.float32, budget_s=0.01)
     for row in rows:
-        assert row["min_ms"] <= row["median_ms"] and row["rounds"] >= 5
+        assert row["min_ms"] <= row["median_ms"] and row["rounds"] >= run.MIN_ROUNDS
     assert {row["provider"]: row["vs_base"] for row in rows}["base"] == 1.0
 
 
