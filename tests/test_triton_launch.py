@@ -106,7 +106,7 @@ def test_the_weights_tma_descriptor_is_built_once_per_pointer_and_block():
 
     if triton_ops.TensorDescriptor is None:
         pytest.skip("this Triton has no host tensor descriptors")
-    weight = torch.randn(64, 48)
+    weight = torch.nn.Parameter(torch.randn(64, 48), requires_grad=False)
     first = triton_ops.weight_descriptor(weight, [32, 16])
     assert triton_ops.weight_descriptor(weight, [32, 16]) is first
     other_block = triton_ops.weight_descriptor(weight, [16, 16])
@@ -114,6 +114,30 @@ def test_the_weights_tma_descriptor_is_built_once_per_pointer_and_block():
     weight.data = torch.randn(64, 48)  # a new storage (e.g. after .to(device)): a new descriptor
     fresh = triton_ops.weight_descriptor(weight, [32, 16])
     assert fresh is not first and fresh.base.data_ptr() == weight.data_ptr()
+
+
+def test_a_per_call_weight_copy_is_freed_without_the_garbage_collector():
+    """Autocast's cast of an fp32 weight is a new tensor each call: its descriptor is not kept
+    on it (the descriptor holds the tensor, a cycle only gc frees), so it dies with its last
+    reference even with gc disabled (issue 36, 4)."""
+    import gc
+    import weakref
+
+    from fastlora.ops import triton_ops
+
+    if triton_ops.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    weight = torch.nn.Parameter(torch.randn(64, 48), requires_grad=False)
+    gc.disable()
+    try:
+        copy = weight.to(torch.float16)
+        descriptor = triton_ops.weight_descriptor(copy, [32, 16])
+        assert descriptor.base is copy and "_fastlora_tma_descriptors" not in copy.__dict__
+        alive = weakref.ref(copy)
+        del copy, descriptor
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_host_side_torch_ops_per_call(monkeypatch):

@@ -146,12 +146,16 @@ def tma_aligned(*tensors: torch.Tensor) -> bool:
 
 
 def weight_descriptor(weight: torch.Tensor, block: list[int]):
-    """The TMA descriptor of the frozen weight for ``block``, built once and kept on the weight
-    itself, keyed by (pointer, shape, strides, block): a weight moved or replaced gets a new one,
-    and the descriptor goes with the weight (no global cache keeping tensors alive).
-    Activations get a fresh descriptor per call (about 3 us each on the host): caching them
-    would keep each layer's last activation alive, or, since new activations usually get new
-    addresses, never hit."""
+    """The TMA descriptor of the frozen weight for ``block``. For an ``nn.Parameter`` it is built
+    once and kept on the parameter itself, keyed by (pointer, shape, strides, block): a weight
+    moved or replaced gets a new one, and the descriptor goes with the weight (no global cache
+    keeping tensors alive). Any other tensor (autocast's per-call cast of an fp32 weight, a view)
+    gets a fresh one, as activations do (about 3 us each on the host): the descriptor holds its
+    tensor, so keeping it on the tensor makes a cycle that only the garbage collector frees, and
+    a per-call copy would stay alive past its backward (issue 36: up to 13 GB per step for an 8B
+    model in fp32 under bf16 autocast)."""
+    if not isinstance(weight, torch.nn.Parameter):
+        return TensorDescriptor.from_tensor(weight, block)
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), tuple(block))
     cache = weight.__dict__.setdefault("_fastlora_tma_descriptors", {})
     descriptor = cache.get(key)
