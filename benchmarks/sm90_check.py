@@ -175,7 +175,7 @@ def compile_one(name: str, M: int, index: int, r_pad: int, variant: str | None =
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg not in ("M", "R", "SPLIT_M", "SPLIT_K", "SPLIT_N", "ADAPTERS"):
+            if not param.do_not_specialize and arg not in ("M", "R", "SPLIT_M", "SPLIT_K", "SPLIT_N", "ADAPTERS"):
                 attrs[(position,)] = [["tt.divisibility", 16]]
     row = {"kernel": name, "variant": variant, "M": M, "r_pad": r_pad, "config": str(config.kwargs),
            "num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -12,7 +12,7 @@ from fastlora.kernels.dropout import load_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, rank_term, store_tile
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "SPLIT_N", "stride_gs"])
 def lora_grad_output_kernel(
     # pointers
     dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, dbias_ptr,
@@ -130,7 +130,7 @@ def lora_grad_input_kernel(
     store_tile(dx_ptr, acc.to(dx_ptr.dtype.element_ty), offs_m, offs_k, stride_dxm, stride_dxk, mask_m, mask_k)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "SPLIT_M"])
 def lora_grad_a_kernel(
     # pointers
     g_ptr, x_ptr, a_ptr, partial_ptr, bits_ptr,

@@ -15,7 +15,7 @@ from fastlora.kernels.dropout import draw_keep, store_keep
 from fastlora.kernels.tiling import grouped_tile, load_tile, rank_term, store_tile
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "SPLIT_K", "stride_ss"])
 def lora_shrink_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr, seed_ptr, bits_ptr,

@@ -162,3 +162,35 @@ def test_the_first_gemm_config_is_estimated_to_fit_an_h100_for_each_adapter_dtyp
                     assert estimated_shared_bytes(first, 2, adapter_bytes) <= H100_SHARED_BYTES
         too_big = configs._config(128, 256, 64, num_warps=8, num_stages=3, GROUP_M=8)
         assert estimated_shared_bytes(too_big, 2, 4) > H100_SHARED_BYTES  # fp32 adapters: one stage less
+
+
+def test_a_first_launch_during_cuda_graph_capture_asks_for_a_warm_up(monkeypatch, launcher):
+    """The driver cannot load a kernel module while a stream is captured: a key's first launch
+    then raises a message that says to warm the shape up, instead of trying (and dropping)
+    every config (issue 36, 2). Capture is simulated: the CPU has no CUDA stream."""
+    real_run = launcher._run
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(launcher, "_run", lambda *a: pytest.fail("no config may be tried during capture"))
+    with fastlora.use_backend("triton"), pytest.raises(RuntimeError, match="warm-up") as raised:
+        fastlora.lora_linear(torch.randn(5, 8), torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    assert not isinstance(raised.value, fastlora._backend.TritonPieceError)  # auto must not move the class for it
+    assert launcher.chosen_configs() == {}
+    monkeypatch.setattr(launcher, "_run", real_run)
+
+
+def test_arguments_that_change_with_M_within_a_key_do_not_specialize():
+    """Triton specialises integer arguments on divisibility by 16 and on 1: the split counts
+    (1 once M is large) and the split buffers' stride (M x r) would make new variants within one
+    launcher key, which a CUDA-graph capture could not load (issue 36, 2)."""
+    from fastlora.kernels.lora_backward import lora_grad_a_kernel, lora_grad_output_kernel
+    from fastlora.kernels.lora_forward import lora_shrink_kernel
+
+    for kernel, names in ((lora_shrink_kernel, {"M", "SPLIT_K", "stride_ss"}),
+                          (lora_grad_output_kernel, {"M", "SPLIT_N", "stride_gs"}),
+                          (lora_grad_a_kernel, {"M", "SPLIT_M"})):
+        if hasattr(kernel, "params"):  # a JITFunction
+            unspecialized = {p.name for p in kernel.params if p.do_not_specialize}
+        else:  # the interpreter's InterpretedFunction keeps the decorator's arguments
+            unspecialized = set(kernel.kwargs["do_not_specialize"])
+        assert unspecialized == names, kernel

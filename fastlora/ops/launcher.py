@@ -17,6 +17,10 @@ bucketed M, the other sizes, dtypes and flags) and an ordered list of candidate 
   a new M in the same bucket (the kernels do not specialise on M).
 - While torch.compile traces (no real tensors to launch on), the chosen config is used if
   there is one, else the first candidate whose estimated shared memory fits the device.
+- A first launch of a key during CUDA-graph capture raises ``RuntimeError`` asking for a
+  warm-up (the driver cannot load a module then). Arguments that change with M within a key
+  (split counts, split buffers' strides) are ``do_not_specialize`` in the kernels, so a warmed-up
+  key never meets a new variant during capture.
 """
 
 from __future__ import annotations
@@ -180,6 +184,11 @@ def launch(
             return
         except Exception:  # e.g. a new specialisation of the same key that does not fit
             del _chosen[key]
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fastlora: the first launch of {key[0]} for {describe()} came during CUDA-graph capture, where the "
+            "driver cannot load a new kernel; run the model once on this shape (a warm-up) before capturing"
+        )
     candidates = [c for c in configs() if config is None or config_kwargs(c) != config_kwargs(config)]
     candidates = fitting_first(candidates, tensor.device, tensor.element_size(), adapter_bytes)
     errors = []
