@@ -34,8 +34,9 @@ def test_installed_versions_are_in_the_declared_range(name):
     assert requirement.specifier.contains(version, prereleases=True), f"{name} {version} not in {requirement}"
 
 
-def test_editable_install_works_offline(tmp_path):
-    """No build step needs the network: pip without an index, without build isolation."""
+def test_install_works_offline_and_imports_its_own_kernels(tmp_path):
+    """No build step needs the network: pip without an index, without build isolation. The
+    (non-editable) install ships fastlora/kernels and imports the kernels from there."""
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed")
     target = tmp_path / "site"
@@ -47,6 +48,10 @@ def test_editable_install_works_offline(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (target / "fastlora" / "kernels" / "lora_forward.py").exists()
     assert (target / "fastlora" / "csrc" / "lora_cpu.cpp").exists()
+    imported = import_in_subprocess(tmp_path, extra_path=str(target))
+    assert imported.returncode == 0, imported.stderr
+    origins = dict(line.split(" ", 1) for line in imported.stdout.splitlines())
+    assert origins["fastlora.kernels.lora_forward"] == str(target / "fastlora" / "kernels" / "lora_forward.py")
 
 
 def importable_from_root() -> list[str]:
@@ -95,20 +100,3 @@ def test_imports_work_from_any_folder(where, tmp_path):
     origins = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     if "kernels" in origins:
         assert pathlib.Path(origins["kernels"]).parent != ROOT / "kernels", "the repository's kernels/ shadowed HF's"
-
-
-def test_regular_install_imports_its_own_kernels(tmp_path):
-    """A non-editable install ships fastlora/kernels and imports the kernels from there."""
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.skip("setuptools is not installed")
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps",
-         "--target", str(target), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert install.returncode == 0, install.stdout + install.stderr
-    result = import_in_subprocess(tmp_path, extra_path=str(target))
-    assert result.returncode == 0, result.stderr
-    origins = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert origins["fastlora.kernels.lora_forward"] == str(target / "fastlora" / "kernels" / "lora_forward.py")
