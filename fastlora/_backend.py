@@ -158,6 +158,11 @@ def triton_failed(op: str, device: torch.device, M: int, r: int, error: BaseExce
     )
 
 
+def auto_chose_triton(backend: str) -> bool:
+    """Whether ``backend`` (resolved) is Triton chosen by ``auto``, which may then fall back."""
+    return backend == "triton" and current_backend() == "auto"
+
+
 def triton_unusable() -> dict[tuple[str, tuple[str, str]], str]:
     """The (op, shape class) pairs ``auto`` moved off Triton in this process, with their errors."""
     return dict(_triton_unusable)

@@ -60,22 +60,16 @@ def _column_dots(dy: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None) -
     return total
 
 
-def same_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, converted only where it differs. For the DoRA forward while
-    torch.compile traces: torch 2.11's Dynamo drops every gradient of an autograd.Function whose
-    output is a tensor its forward already held under another name (written in place, or
-    returned by a ``.to()`` that changed nothing)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _rows_times_columns(t: torch.Tensor, column_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``t * column_scale + bias`` (t (M, N), column_scale (N,) float32) in t's dtype, rounded
-    once, written into t. While torch.compile traces: a new tensor (``same_dtype`` explains)."""
+def _add_scaled(addend: torch.Tensor | None, t: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``addend + t * scale`` (``t * scale`` without an addend; scale (N,) float32 against t
+    (M, N)) in out's dtype, rounded once, written into ``out``. While torch.compile traces: a new
+    tensor instead, converted only where the dtype differs, since torch 2.11's Dynamo drops every
+    gradient of an autograd.Function whose output is a tensor its forward already held under
+    another name (written in place, or returned by a ``.to()`` that changed nothing)."""
     if torch.compiler.is_compiling():
-        return same_dtype(t * column_scale if bias is None else torch.addcmul(bias, t, column_scale), t.dtype)
-    if bias is None:
-        return t.mul_(column_scale)
-    return torch.addcmul(bias, t, column_scale, out=t)
+        result = t * scale if addend is None else torch.addcmul(addend, t, scale)
+        return result if result.dtype == out.dtype else result.to(out.dtype)
+    return torch.mul(t, scale, out=out) if addend is None else torch.addcmul(addend, t, scale, out=out)
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -116,7 +110,7 @@ class DoRALinearFunction(torch.autograd.Function):
             kept = y
         elif dropout_p == 0.0:
             y_lora, S, keep_bits = forward_op(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
-            y = _rows_times_columns(y_lora, g, bias)
+            y = _add_scaled(bias, y_lora, g, out=y_lora)
             kept = y
         else:
             scaled_B = lora_B * g[:, None].to(lora_B.dtype)
@@ -126,10 +120,7 @@ class DoRALinearFunction(torch.autograd.Function):
             for rows in row_blocks(x.shape[0]):
                 keep = unpack_keep_bits(keep_bits[rows], x.shape[1])
                 torch.mm(x[rows].mul(1.0 / (1.0 - dropout_p)).masked_fill_(~keep, 0.0), w_t, out=kept[rows])
-            if torch.compiler.is_compiling():  # a new tensor while traced (same_dtype)
-                y = same_dtype(torch.addcmul(y, kept, g - 1.0), y.dtype)
-            else:
-                y = torch.addcmul(y, kept, g - 1.0, out=y)
+            y = _add_scaled(y, kept, g - 1.0, out=y)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, keep_bits, seed, bias, g, norm, kept)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p

@@ -124,7 +124,7 @@ def run_with_fallback(run, backend: str, op: str, device: torch.device, M: int, 
     chose Triton and a Triton piece cannot run on this device, the op's shape class moves to the
     torch path for the rest of the process (one warning, ``_backend.triton_failed``) and
     ``run("torch")`` gives the result; a forced ``triton`` backend raises."""
-    if backend != "triton" or _backend.current_backend() != "auto":
+    if not _backend.auto_chose_triton(backend):
         return run(backend)
     try:
         return run(backend)
@@ -137,7 +137,7 @@ def remember_backend(ctx, backend: str, op: str, M: int, r: int) -> None:
     """``ctx.backend``, and ``ctx.fallback`` = (op, M, r) when ``auto`` chose Triton (a backward
     that cannot run there then runs torch's, see ``backward_op_for``), else None."""
     ctx.backend = backend
-    ctx.fallback = (op, M, r) if backend == "triton" and _backend.current_backend() == "auto" else None
+    ctx.fallback = (op, M, r) if _backend.auto_chose_triton(backend) else None
 
 
 def backward_op_for(ctx, dy: torch.Tensor, family: str = "lora"):
@@ -148,11 +148,13 @@ def backward_op_for(ctx, dy: torch.Tensor, family: str = "lora"):
     if ctx.fallback is None:
         return backward_op
 
+    op, M, r = ctx.fallback
+
     def backward_or_torch(*args, **kwargs):
         try:
             return backward_op(*args, **kwargs)
         except TRITON_PIECE_ERRORS as error:
-            _backend.triton_failed(*ctx.fallback[:1], dy.device, *ctx.fallback[1:], error)
+            _backend.triton_failed(op, dy.device, M, r, error)
             return backend_ops("torch", dy, family)[1](*args, **kwargs)
 
     return backward_or_torch
